@@ -1,0 +1,34 @@
+"""robust_sft: drop-in robust replacements for TRL's `SFTTrainer`."""
+
+from .data import (
+    DataFormatError,
+    RobustDataCollator,
+    detect_format,
+    load_examples,
+    prepare_dataset,
+)
+from .modeling import (
+    embedded_model_dir,
+    ensure_embedded_model,
+    is_quantized,
+    load_model_and_tokenizer,
+    load_tokenizer,
+)
+from .trainer import RobustSFTConfig, RobustSFTTrainer
+from .version import __version__
+
+__all__ = [
+    "DataFormatError",
+    "RobustDataCollator",
+    "RobustSFTConfig",
+    "RobustSFTTrainer",
+    "__version__",
+    "detect_format",
+    "embedded_model_dir",
+    "ensure_embedded_model",
+    "is_quantized",
+    "load_examples",
+    "load_model_and_tokenizer",
+    "load_tokenizer",
+    "prepare_dataset",
+]

@@ -1,0 +1,155 @@
+"""Tiny models and a small tokenizer built in-process (no network, well under a second), for fast tests and examples.
+
+The tokenizer is a byte-level BPE trained on a short built-in corpus with ChatML special tokens and a ChatML chat
+template; the models are randomly initialised 2-layer versions of common architectures.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+from .modeling import CHATML_TEMPLATE
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+
+_CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Write a short poem about the sea. Summarize the following text.",
+    "Translate the sentence into German. Classify the sentiment as positive or negative.",
+    "Tom has 3 boxes with 7 apples each. 3 * 7 = 21. The answer is 21.",
+    "You are a helpful assistant. user assistant system",
+    "Answer the question: what is two plus two? Four.",
+    "0 1 2 3 4 5 6 7 8 9 + - * / = #### , . ! ? : ; ' \" ( )",
+]
+
+# Per architecture: the config class name and the keyword names for its tiny sizes.
+TINY_ARCHITECTURES: dict[str, dict[str, int | str]] = {
+    "llama": {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+    "qwen2": {
+        "model_type": "qwen2",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+    "mistral": {
+        "model_type": "mistral",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+    },
+    "gemma": {
+        "model_type": "gemma",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+    },
+    "gpt2": {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4},
+    "gpt_neox": {
+        "model_type": "gpt_neox",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    },
+    "phi": {
+        "model_type": "phi",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    },
+    "phi3": {
+        "model_type": "phi3",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "pad_token_id": 0,
+    },
+}
+
+
+@lru_cache(maxsize=1)
+def _trained_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
+    return tokenizer.to_str()
+
+
+def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A fast byte-level BPE tokenizer (~400 tokens) with ChatML special tokens and chat template."""
+    from tokenizers import Tokenizer
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json()),
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        unk_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def make_tiny_model(
+    architecture: str = "llama",
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """A randomly initialised 2-layer causal LM of the given architecture, sized for `tokenizer`'s vocabulary."""
+    if architecture not in TINY_ARCHITECTURES:
+        raise ValueError(f"Unknown tiny architecture {architecture!r}; choose from {sorted(TINY_ARCHITECTURES)}.")
+    tokenizer = tokenizer or make_tiny_tokenizer()
+    sizes = dict(TINY_ARCHITECTURES[architecture])
+    model_type = sizes.pop("model_type")
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        **sizes,
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def save_tiny_model(path: str, architecture: str = "llama", seed: int = 0) -> str:
+    """Write a tiny model and its tokenizer to `path` (a local model folder, e.g. for QLoRA loading tests)."""
+    tokenizer = make_tiny_tokenizer()
+    make_tiny_model(architecture, tokenizer, seed=seed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

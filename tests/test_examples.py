@@ -1,0 +1,28 @@
+"""The example scripts run as users run them (a subprocess, TrlParser arguments) on a tiny local model."""
+
+import os
+import subprocess
+import sys
+
+from robust_sft.testing import save_tiny_model
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+
+
+def run_example(script, *args, timeout=600):
+    command = [sys.executable, os.path.join(EXAMPLES, script), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_sft_baseline_example(tmp_path):
+    model = save_tiny_model(str(tmp_path / "tiny"))
+    out = tmp_path / "out"
+    run_example(
+        "sft_baseline.py",
+        "--model_name_or_path", model, "--output_dir", str(out), "--max_steps", "2", "--train_size", "8",
+        "--per_device_train_batch_size", "4", "--gradient_checkpointing", "false", "--report_to", "none",
+        "--save_strategy", "no", "--use_peft",
+    )  # fmt: skip
+    assert (out / "adapter_config.json").is_file()

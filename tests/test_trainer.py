@@ -1,0 +1,125 @@
+"""RobustSFTTrainer: plain SFT on the shared data layer, carrying extra fields, refusing what it cannot do."""
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from trl import SFTTrainer
+
+from robust_sft import RobustSFTConfig, RobustSFTTrainer
+
+from .conftest import train_args
+
+ROWS = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"{2 * i + 1}"} for i in range(8)]
+
+
+def test_config_works_on_cpu_without_bf16_flags(tmp_path):
+    config = RobustSFTConfig(output_dir=str(tmp_path))
+    assert config.bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    with pytest.raises(ValueError, match="quantization must be None"):
+        RobustSFTConfig(output_dir=str(tmp_path), quantization="2bit")
+
+
+def test_is_a_drop_in_sft_trainer(tmp_path, tiny_model, tokenizer):
+    trainer = RobustSFTTrainer(
+        model=tiny_model, args=train_args(tmp_path), train_dataset=Dataset.from_list(ROWS), processing_class=tokenizer
+    )
+    assert isinstance(trainer, SFTTrainer)
+    # Prepared labels mask the prompt: the first trained token comes after the assistant header.
+    row = trainer.train_dataset[0]
+    first = next(i for i, label in enumerate(row["labels"]) if label != -100)
+    assert tokenizer.decode(row["input_ids"][:first]).endswith("<|im_start|>assistant\n")
+
+
+def test_lora_training_changes_adapters_only(tmp_path, tiny_model, tokenizer):
+    base_before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    trainer = RobustSFTTrainer(
+        model=tiny_model,
+        args=train_args(tmp_path, max_steps=3),
+        train_dataset=Dataset.from_list(ROWS),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, target_modules="all-linear"),
+    )
+    trainer.train()
+    assert "loss" in trainer.state.log_history[0]
+    for name, param in trainer.model.named_parameters():
+        if param.requires_grad:
+            assert "lora_" in name
+            if "lora_B" in name:
+                assert param.abs().sum() > 0, f"{name} did not train"
+        else:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(param, base_before[key]), f"frozen {name} changed"
+
+
+def test_full_finetune_changes_every_parameter(tmp_path, tiny_model, tokenizer):
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    trainer = RobustSFTTrainer(
+        model=tiny_model, args=train_args(tmp_path), train_dataset=Dataset.from_list(ROWS), processing_class=tokenizer
+    )
+    trainer.train()
+    unchanged = [n for n, p in trainer.model.named_parameters() if torch.equal(p, before[n])]
+    # Embedding rows of tokens never seen do not move; every weight matrix does.
+    assert all("embed_tokens" in n for n in unchanged)
+
+
+class WeightedTrainer(RobustSFTTrainer):
+    """A subclass that needs a per-example weight and the instruction mask in compute_loss."""
+
+    _token_fields = ("instruction_mask",)
+    _example_fields = ("weight",)
+    seen: list
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        model_inputs, extras = self._split_extras(inputs)
+        assert "weight" not in model_inputs and "instruction_mask" not in model_inputs
+        self.seen.append((extras["weight"].tolist(), extras["instruction_mask"].shape == inputs["input_ids"].shape))
+        self._log_metric("mean_weight", extras["weight"].float().mean())
+        return super().compute_loss(model, model_inputs, return_outputs, num_items_in_batch)
+
+
+def test_extra_fields_reach_compute_loss(tmp_path, tiny_model, tokenizer):
+    rows = [dict(row, weight=float(i)) for i, row in enumerate(ROWS)]
+    trainer = WeightedTrainer(
+        model=tiny_model,
+        args=train_args(tmp_path, max_steps=2, shuffle_dataset=False, per_device_train_batch_size=4),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    trainer.seen = []
+    trainer.train()
+    weights = sorted(w for batch, _ in trainer.seen for w in batch)
+    assert weights == [float(i) for i in range(8)]
+    assert all(shape_ok for _, shape_ok in trainer.seen)
+    assert "mean_weight" in trainer.state.log_history[0]
+
+
+def test_packing_refused_when_fields_are_needed(tmp_path, tiny_model, tokenizer):
+    with pytest.raises(ValueError, match="packing=False and padding_free=False"):
+        WeightedTrainer(
+            model=tiny_model,
+            args=train_args(tmp_path, packing=True),
+            train_dataset=Dataset.from_list([dict(r, weight=1.0) for r in ROWS]),
+            processing_class=tokenizer,
+        )
+
+
+def test_packing_works_for_plain_sft(tmp_path, tiny_model, tokenizer):
+    trainer = RobustSFTTrainer(
+        model=tiny_model,
+        args=train_args(tmp_path, packing=True, max_length=64, max_steps=1),
+        train_dataset=Dataset.from_list(ROWS),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_evaluate_takes_raw_rows_and_file_paths(tmp_path, tiny_model, tokenizer):
+    path = tmp_path / "train.jsonl"
+    Dataset.from_list(ROWS).to_json(str(path))
+    trainer = RobustSFTTrainer(
+        model=tiny_model, args=train_args(tmp_path), train_dataset=str(path), processing_class=tokenizer
+    )
+    metrics = trainer.evaluate(Dataset.from_list(ROWS[:4]))
+    assert metrics["eval_loss"] > 0
