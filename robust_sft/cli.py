@@ -113,6 +113,110 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trainer_classes(method: str):
+    """(config class, trainer class, method-specific config values from the arguments) for `train --method`."""
+    if method == "sft":
+        from .trainer import RobustSFTConfig, RobustSFTTrainer
+
+        return RobustSFTConfig, RobustSFTTrainer, lambda args: {}
+    if method == "taia":
+        from .taia import TAIAConfig, TAIATrainer
+
+        return TAIAConfig, TAIATrainer, lambda args: {"keep": args.keep, "train_modules": args.train_modules}
+    raise ValueError(f"Unknown method {method!r}.")
+
+
+METHODS = ("sft", "taia")
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", choices=METHODS, required=True, help="sft (baseline) or taia.")
+    parser.add_argument("--data", required=True, help="Training rows: .json/.jsonl/.csv/.tsv/.parquet, any format.")
+    parser.add_argument("--eval-data", default=None, help="Held-out rows, evaluated at the end.")
+    parser.add_argument("--model", default=None, help="Hub id or local folder (default: the embedded SmolLM2-135M).")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--steps", type=int, default=-1, help="Optimiser steps (default: --epochs).")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank; 0 for full fine-tuning.")
+    parser.add_argument("--lora-alpha", type=int, default=32)
+    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--quantization", choices=["4bit", "8bit"], default=None, help="QLoRA base (bitsandbytes).")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    taia = parser.add_argument_group("taia")
+    taia.add_argument("--keep", choices=["attention", "mlp", "all"], default="attention")
+    taia.add_argument("--train-modules", choices=["all", "attention"], default="all", help="'attention' = TOA.")
+    taia.add_argument("--export", action="store_true", help="taia: also write the merged TAIA model.")
+
+
+@command("train", "Fine-tune with a robust_sft method on a data file.", _train_arguments)
+def run_train(args: argparse.Namespace) -> int:
+    from peft import LoraConfig
+
+    from .data import load_examples
+
+    config_class, trainer_class, method_values = _trainer_classes(args.method)
+    config = config_class(
+        output_dir=args.output_dir,
+        max_steps=args.steps,
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.learning_rate,
+        max_length=args.max_length,
+        seed=args.seed,
+        quantization=args.quantization,
+        gradient_checkpointing=args.gradient_checkpointing,
+        save_strategy="no",
+        report_to=[],
+        **method_values(args),
+    )
+    peft_config = None
+    if args.lora_r > 0:
+        peft_config = LoraConfig(
+            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, task_type="CAUSAL_LM"
+        )
+        if args.method == "sft":
+            peft_config.target_modules = "all-linear"
+    trainer = trainer_class(
+        model=args.model,
+        args=config,
+        train_dataset=load_examples(args.data),
+        eval_dataset=load_examples(args.eval_data) if args.eval_data else None,
+        peft_config=peft_config,
+    )
+    trainer.train()
+    trainer.save_model(args.output_dir)
+    if args.eval_data:
+        print(json.dumps(trainer.evaluate(), indent=2))
+    if args.method == "taia" and args.export:
+        print(f"TAIA model written to {trainer.save_taia_model(os.path.join(args.output_dir, 'taia-model'))}")
+    return 0
+
+
+def _export_taia_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", default=None, help="The base model (hub id or folder; default: the embedded one).")
+    parser.add_argument("--adapter", required=True, help="The trained LoRA adapter folder.")
+    parser.add_argument("--output", required=True, help="Where the merged plain model goes.")
+    parser.add_argument("--keep", choices=["attention", "mlp", "all"], default="attention")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+
+
+@command("export-taia", "Merge a LoRA adapter keeping only the attention (or MLP) updates.", _export_taia_arguments)
+def run_export_taia(args: argparse.Namespace) -> int:
+    from .modeling import ensure_embedded_model
+    from .taia import export_taia
+
+    base = args.base or str(ensure_embedded_model())
+    output = export_taia(base, args.adapter, args.output, keep=args.keep, dtype=getattr(torch, args.dtype))
+    print(f"Wrote {output} (keep={args.keep}).")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="robust-sft", description="Robust instruction tuning on top of TRL.")

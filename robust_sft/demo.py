@@ -1,4 +1,4 @@
-"""The README's main job: fine-tune the embedded model on out-of-domain data and compare before/after.
+"""The README's main job, the TAIA story: fine-tune the embedded model on out-of-domain data, compare before/after.
 
 The demo data is generated here: arithmetic word problems with worked, GSM8K-style answers (`#### N`), a domain the
 embedded SmolLM2-135M-Instruct cannot do, plus a hand-written general-knowledge probe (multiple choice, scored by
@@ -169,11 +169,13 @@ def run_demo(
     seed: int = 0,
     quantization: str | None = None,
 ) -> list[DemoScores]:
-    """Fine-tune with LoRA on the generated word problems, save the adapter, print before/after scores."""
+    """The TAIA story: LoRA on every linear layer, trained on generated word problems (out of the model's domain);
+    then base / vanilla (all updates) / TAIA (attention updates only) / TAIF (MLP updates only) are compared on
+    held-out problems and on the knowledge probe. Saves the adapter and the exported TAIA model."""
     from peft import LoraConfig
 
     from .modeling import load_model_and_tokenizer
-    from .trainer import RobustSFTConfig, RobustSFTTrainer
+    from .taia import TAIAConfig, TAIATrainer
 
     started = time.time()
     output_dir = Path(output_dir)
@@ -185,7 +187,7 @@ def run_demo(
     )
     scores = [score_model(base_model, tokenizer, "base", eval_rows)]
 
-    args = RobustSFTConfig(
+    args = TAIAConfig(
         output_dir=str(output_dir / "checkpoints"),
         max_steps=steps,
         per_device_train_batch_size=batch_size,
@@ -199,16 +201,18 @@ def run_demo(
         seed=seed,
         max_length=512,
     )
-    peft_config = LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
-    )
-    trainer = RobustSFTTrainer(
+    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM")  # targets: TAIA picks
+    trainer = TAIATrainer(
         model=base_model, args=args, train_dataset=train_rows, processing_class=tokenizer, peft_config=peft_config
     )
     trainer.train()
     adapter_dir = output_dir / "adapter"
     trainer.save_model(str(adapter_dir))
-    scores.append(score_model(trainer.model, tokenizer, "fine-tuned (LoRA)", eval_rows))
+    scores.append(score_model(trainer.model, tokenizer, "vanilla (all updates)", eval_rows))
+    for keep, name in (("attention", "TAIA (attention only)"), ("mlp", "TAIF (MLP only)")):
+        with trainer.taia_view(keep):
+            scores.append(score_model(trainer.model, tokenizer, name, eval_rows))
+    export_dir = trainer.save_taia_model(output_dir / "taia-model", keep="attention")
 
     print("\n" + format_table(scores))
     print(f"\nQuestion: {eval_rows[0]['instruction']}\nReference: {eval_rows[0]['output']!r}")
@@ -216,8 +220,8 @@ def run_demo(
         print(f"{score.name}: {score.sample_answer!r}")
     (output_dir / "demo_scores.json").write_text(json.dumps([asdict(score) for score in scores], indent=2))
     print(
-        f"\nAdapter saved to {adapter_dir}; scores in {output_dir / 'demo_scores.json'}; "
-        f"{time.time() - started:.0f} s in all."
+        f"\nAdapter: {adapter_dir}; TAIA model (plain transformers): {export_dir}; scores: "
+        f"{output_dir / 'demo_scores.json'}; {time.time() - started:.0f} s in all."
     )
     return scores
 

@@ -1,8 +1,10 @@
 """The robust-sft command line."""
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -24,8 +26,10 @@ def test_env_text(capsys):
 
 
 def test_console_script_is_installed():
-    executable = shutil.which("robust-sft")
-    assert executable, "the robust-sft console script is not on PATH (pip install -e .)"
+    # The script sits next to the interpreter of the environment the package is installed in.
+    beside = os.path.join(os.path.dirname(sys.executable), "robust-sft")
+    executable = beside if os.path.isfile(beside) else shutil.which("robust-sft")
+    assert executable, "the robust-sft console script is not installed (pip install -e .)"
     result = subprocess.run([executable, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "demo" in result.stdout and "env" in result.stdout

@@ -26,3 +26,16 @@ def test_sft_baseline_example(tmp_path):
         "--save_strategy", "no", "--use_peft",
     )  # fmt: skip
     assert (out / "adapter_config.json").is_file()
+
+
+def test_taia_example(tmp_path):
+    model = save_tiny_model(str(tmp_path / "tiny"))
+    out = tmp_path / "out"
+    run_example(
+        "taia_sft.py",
+        "--model_name_or_path", model, "--output_dir", str(out), "--max_steps", "2", "--train_size", "8",
+        "--per_device_train_batch_size", "4", "--gradient_checkpointing", "false", "--report_to", "none",
+        "--save_strategy", "no", "--use_peft", "--lora_r", "4", "--learning_rate", "1e-2",
+    )  # fmt: skip
+    assert (out / "adapter_config.json").is_file()
+    assert "taia" in (out / "taia-model" / "taia.json").read_text().lower()
