@@ -25,66 +25,18 @@ _CORPUS = [
     "0 1 2 3 4 5 6 7 8 9 + - * / = #### , . ! ? : ; ' \" ( )",
 ]
 
-# Per architecture: the config class name and the keyword names for its tiny sizes.
+# Per architecture: the model type and the keyword names of its tiny sizes.
+_DECODER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+_GQA = {**_DECODER, "num_key_value_heads": 2}
 TINY_ARCHITECTURES: dict[str, dict[str, int | str]] = {
-    "llama": {
-        "model_type": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-    },
-    "qwen2": {
-        "model_type": "qwen2",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-    },
-    "mistral": {
-        "model_type": "mistral",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-    },
-    "gemma": {
-        "model_type": "gemma",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-    },
+    "llama": {"model_type": "llama", **_GQA},
+    "qwen2": {"model_type": "qwen2", **_GQA},
+    "mistral": {"model_type": "mistral", **_GQA, "head_dim": 16},
+    "gemma": {"model_type": "gemma", **_GQA, "head_dim": 16},
     "gpt2": {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4},
-    "gpt_neox": {
-        "model_type": "gpt_neox",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-    },
-    "phi": {
-        "model_type": "phi",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-    },
-    "phi3": {
-        "model_type": "phi3",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "pad_token_id": 0,
-    },
+    "gpt_neox": {"model_type": "gpt_neox", **_DECODER},
+    "phi": {"model_type": "phi", **_DECODER},
+    "phi3": {"model_type": "phi3", **_GQA, "pad_token_id": 0},
 }
 
 
