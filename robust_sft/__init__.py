@@ -1,5 +1,6 @@
 """robust_sft: drop-in robust replacements for TRL's `SFTTrainer`."""
 
+from .anit import NoisyInstructionConfig, NoisyInstructionTrainer
 from .data import (
     DataFormatError,
     RobustDataCollator,
@@ -7,6 +8,7 @@ from .data import (
     load_examples,
     prepare_dataset,
 )
+from .delia import DSFTConfig, DSFTTrainer, build_cache
 from .modeling import (
     embedded_model_dir,
     ensure_embedded_model,
@@ -18,11 +20,16 @@ from .trainer import RobustSFTConfig, RobustSFTTrainer
 from .version import __version__
 
 __all__ = [
+    "DSFTConfig",
+    "DSFTTrainer",
     "DataFormatError",
+    "NoisyInstructionConfig",
+    "NoisyInstructionTrainer",
     "RobustDataCollator",
     "RobustSFTConfig",
     "RobustSFTTrainer",
     "__version__",
+    "build_cache",
     "detect_format",
     "embedded_model_dir",
     "ensure_embedded_model",

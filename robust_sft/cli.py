@@ -123,14 +123,44 @@ def _trainer_classes(method: str):
         from .taia import TAIAConfig, TAIATrainer
 
         return TAIAConfig, TAIATrainer, lambda args: {"keep": args.keep, "train_modules": args.train_modules}
+    if method == "anit":
+        from .anit import NoisyInstructionConfig, NoisyInstructionTrainer
+
+        return NoisyInstructionConfig, NoisyInstructionTrainer, _anit_values
+    if method == "delia":
+        from .delia import DSFTConfig, DSFTTrainer
+
+        return DSFTConfig, DSFTTrainer, _delia_values
     raise ValueError(f"Unknown method {method!r}.")
 
 
-METHODS = ("sft", "taia")
+def _delia_values(args: argparse.Namespace) -> dict[str, object]:
+    tokens = [token for token in (args.new_tokens or "").split(",") if token]
+    return {"diverse_ratio": args.diverse_ratio, "new_special_tokens": tokens}
+
+
+def _anit_values(args: argparse.Namespace) -> dict[str, object]:
+    values = {
+        "use_noise": not args.no_noise,
+        "use_adversarial": not args.no_adversarial,
+        "noise_rate": args.noise_rate,
+        "noise_strength": args.noise_strength,
+        "distortion_metric": args.distortion_metric,
+        "adversarial_eta": args.adversarial_eta,
+        "adversarial_weight": args.adversarial_weight,
+        "adversarial_scope": args.adversarial_scope,
+        "nrm_map": args.nrm_map,
+    }
+    if args.noise_operators:
+        values["noise_operators"] = args.noise_operators.split(",")
+    return values
+
+
+METHODS = ("sft", "taia", "anit", "delia")
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=METHODS, required=True, help="sft (baseline) or taia.")
+    parser.add_argument("--method", choices=METHODS, required=True, help="sft (baseline), taia, anit or delia.")
     parser.add_argument("--data", required=True, help="Training rows: .json/.jsonl/.csv/.tsv/.parquet, any format.")
     parser.add_argument("--eval-data", default=None, help="Held-out rows, evaluated at the end.")
     parser.add_argument("--model", default=None, help="Hub id or local folder (default: the embedded SmolLM2-135M).")
@@ -151,6 +181,23 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     taia.add_argument("--keep", choices=["attention", "mlp", "all"], default="attention")
     taia.add_argument("--train-modules", choices=["all", "attention"], default="all", help="'attention' = TOA.")
     taia.add_argument("--export", action="store_true", help="taia: also write the merged TAIA model.")
+    anit = parser.add_argument_group("anit")
+    anit.add_argument("--noise-rate", type=float, default=0.5, help="Share of examples with a noisy instruction.")
+    anit.add_argument("--noise-operators", default=None, help="Comma-separated operators (see `robust-sft perturb`).")
+    anit.add_argument("--noise-strength", type=float, default=0.2, help="The operators' rate.")
+    anit.add_argument("--distortion-metric", choices=["embedding", "levenshtein", "mean"], default="embedding")
+    anit.add_argument("--adversarial-eta", type=float, default=1e-3)
+    anit.add_argument("--adversarial-weight", type=float, default=1.0)
+    anit.add_argument("--adversarial-scope", choices=["prompt", "instruction", "all"], default="prompt")
+    anit.add_argument("--nrm-map", choices=["linear", "exp", "constant"], default="linear")
+    anit.add_argument("--no-noise", action="store_true", help="Ablation: adversarial term only.")
+    anit.add_argument("--no-adversarial", action="store_true", help="Ablation: noisy instructions only.")
+    delia = parser.add_argument_group("delia")
+    delia.add_argument(
+        "--diverse", default=None, help="Diverse rows: cache file(s) from build-cache, comma-separated."
+    )
+    delia.add_argument("--diverse-ratio", type=float, default=1.0, help="Diverse rows per task row.")
+    delia.add_argument("--new-tokens", default=None, help="Special tokens to add, comma-separated (e.g. '<sep>').")
 
 
 @command("train", "Fine-tune with a robust_sft method on a data file.", _train_arguments)
@@ -182,12 +229,18 @@ def run_train(args: argparse.Namespace) -> int:
         )
         if args.method == "sft":
             peft_config.target_modules = "all-linear"
+    extra = {}
+    if args.method == "delia":
+        if not args.diverse:
+            raise SystemExit("--method delia needs --diverse CACHE.jsonl (make one with `robust-sft build-cache`).")
+        extra["diverse_dataset"] = args.diverse.split(",")
     trainer = trainer_class(
         model=args.model,
         args=config,
         train_dataset=load_examples(args.data),
         eval_dataset=load_examples(args.eval_data) if args.eval_data else None,
         peft_config=peft_config,
+        **extra,
     )
     trainer.train()
     trainer.save_model(args.output_dir)
@@ -214,6 +267,84 @@ def run_export_taia(args: argparse.Namespace) -> int:
     base = args.base or str(ensure_embedded_model())
     output = export_taia(base, args.adapter, args.output, keep=args.keep, dtype=getattr(torch, args.dtype))
     print(f"Wrote {output} (keep={args.keep}).")
+    return 0
+
+
+def _perturb_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("text", help="The instruction to perturb.")
+    parser.add_argument("--operators", default=None, help="Comma-separated operators (default: all).")
+    parser.add_argument("--rate", type=float, default=0.2, help="The operators' rate in [0, 1].")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--embedding", action="store_true", help="Also score the embedding distortion (all-MiniLM-L6-v2)."
+    )
+    parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+
+
+@command("perturb", "Show each noise operator's version of a text with its semantic distortion.", _perturb_arguments)
+def run_perturb(args: argparse.Namespace) -> int:
+    from .anit import describe_perturbations
+    from .noise import SentenceEncoder
+
+    encoder = SentenceEncoder.minilm() if args.embedding else None
+    operators = args.operators.split(",") if args.operators else None
+    rows = describe_perturbations(args.text, operators, rate=args.rate, seed=args.seed, encoder=encoder)
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    for row in rows:
+        scores = f"lev {row['levenshtein']:.3f}" + (f"  emb {row['embedding']:.3f}" if "embedding" in row else "")
+        print(f"{row['operator']:>20} [{row['level']:>9}] {scores}  {row['noisy']!r}")
+    return 0
+
+
+def _build_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--queries", required=True, help="Query rows (.jsonl/.json/.csv/.tsv/.parquet), any format.")
+    parser.add_argument("--output", required=True, help="The cache (.jsonl); an existing one is resumed.")
+    parser.add_argument("--model", default=None, help="Hub id or local folder (default: the embedded SmolLM2-135M).")
+    parser.add_argument("--query-field", default=None, help="Column with the query (default: the data layer's).")
+    parser.add_argument("--answer-field", default=None, help="Column with the reference answer.")
+    parser.add_argument("--limit", type=int, default=None, help="Use the first N queries.")
+    parser.add_argument("--system-prompt", default=None)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--greedy", action="store_true", help="Greedy decoding instead of sampling.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+
+
+@command(
+    "build-cache",
+    "Self-sample DELIA's diverse data: the model's answers to queries (resumable).",
+    _build_cache_arguments,
+)
+def run_build_cache(args: argparse.Namespace) -> int:
+    from .data import load_examples
+    from .delia import build_cache
+
+    queries = load_examples(args.queries)
+    if args.limit is not None:
+        queries = queries.select(range(min(args.limit, len(queries))))
+    path = build_cache(
+        args.model,
+        None,
+        queries,
+        args.output,
+        query_field=args.query_field,
+        answer_field=args.answer_field,
+        system_prompt=args.system_prompt,
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=not args.greedy,
+        seed=args.seed,
+        backend=args.backend,
+    )
+    with open(path, encoding="utf-8") as cache:
+        print(f"{path}: {sum(1 for _ in cache)} rows.")
     return 0
 
 

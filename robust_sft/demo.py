@@ -67,6 +67,95 @@ def _problem(rng: random.Random) -> dict[str, str]:
     return {"instruction": question, "input": "", "output": answer}
 
 
+_SUBJECTS = ["film", "book", "restaurant", "phone", "hotel", "album", "game", "course", "laptop", "show"]
+_POSITIVE = ["wonderful", "great", "delightful", "excellent", "charming", "superb", "brilliant", "lovely"]
+_NEGATIVE = ["awful", "boring", "terrible", "dreadful", "disappointing", "poor", "dull", "annoying"]
+_REVIEW_TEMPLATES = [
+    "The {subject} was {adjective}.",
+    "What a {adjective} {subject}, honestly.",
+    "I found the {subject} {adjective} from start to finish.",
+    "Everyone said the {subject} was {adjective}, and they were right.",
+]
+SENTIMENT_INSTRUCTIONS = [
+    "Classify the sentiment of the review as positive or negative.",
+    "Is the following review positive or negative?",
+    "Read the review and answer with its sentiment: positive or negative.",
+]
+
+
+def make_sentiment_data(n_train: int = 64, n_eval: int = 32, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Generated review-sentiment rows (Alpaca layout, answers `positive` / `negative`), balanced; no review repeats.
+
+    The small instruction-classification task of the ANIT example and notebook; benchmarks use SST-2 instead.
+    """
+    rng = random.Random(seed)
+    seen, rows = set(), []
+    while len(rows) < n_train + n_eval:
+        label = "positive" if len(rows) % 2 == 0 else "negative"
+        adjective = rng.choice(_POSITIVE if label == "positive" else _NEGATIVE)
+        review = rng.choice(_REVIEW_TEMPLATES).format(subject=rng.choice(_SUBJECTS), adjective=adjective)
+        if review not in seen:
+            seen.add(review)
+            rows.append({"instruction": rng.choice(SENTIMENT_INSTRUCTIONS), "input": review, "output": label})
+    return Dataset.from_list(rows[:n_train]), Dataset.from_list(rows[n_train:])
+
+
+_FACTS = [
+    ("sky", "blue"),
+    ("grass", "green"),
+    ("snow", "white"),
+    ("coal", "black"),
+    ("sun", "yellow"),
+    ("blood", "red"),
+    ("ocean", "blue"),
+    ("banana", "yellow"),
+    ("cherry", "red"),
+    ("leaf", "green"),
+    ("cloud", "white"),
+    ("night", "black"),
+    ("lemon", "yellow"),
+    ("tomato", "red"),
+    ("frog", "green"),
+    ("milk", "white"),
+    ("crow", "black"),
+    ("strawberry", "red"),
+    ("lime", "green"),
+    ("salt", "white"),
+]
+SEP_TRAIN_PHRASINGS = [
+    "Condense the sentence into subject <sep> colour: {sentence}",
+    "Rewrite as 'subject <sep> colour': {sentence}",
+]
+SEP_UNSEEN_PHRASINGS = [
+    "Give me the thing and its colour, separated by <sep>. {sentence}",
+    "Extract subject and colour joined with the <sep> token from this: {sentence}",
+    "{sentence} Answer in the form subject <sep> colour.",
+]
+SEP_FORMAT = r"[a-z]+ <sep> [a-z]+"
+
+
+def make_sep_task_data(n_train: int = 16, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """DELIA's new-token task: condense a sentence into `subject <sep> colour`.
+
+    Returns (train, unseen): training rows use two phrasings of the instruction; the held-out rows use three other
+    phrasings on the remaining facts, to measure whether the format generalises beyond the phrasings seen.
+    """
+    rng = random.Random(seed)
+    facts = _FACTS[:]
+    rng.shuffle(facts)
+    templates = ["The {subject} is {colour}.", "Look, the {subject} is {colour} today.", "A {subject} is {colour}."]
+
+    def row(fact, phrasing):
+        subject, colour = fact
+        sentence = rng.choice(templates).format(subject=subject, colour=colour)
+        return {"instruction": phrasing.format(sentence=sentence), "input": "", "output": f"{subject} <sep> {colour}"}
+
+    train = [row(facts[i % len(facts)], SEP_TRAIN_PHRASINGS[i % 2]) for i in range(n_train)]
+    held_out = facts[n_train:] if n_train < len(facts) else facts[-4:]
+    unseen = [row(fact, phrasing) for fact in held_out for phrasing in SEP_UNSEEN_PHRASINGS]
+    return Dataset.from_list(train), Dataset.from_list(unseen)
+
+
 def make_demo_data(n_train: int = 240, n_eval: int = 48, seed: int = 0) -> tuple[Dataset, Dataset]:
     """Generated word problems in the Alpaca layout; train and eval share no question."""
     rng = random.Random(seed)

@@ -32,6 +32,14 @@ def _accelerator_available() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
+def apply_device_defaults(config: Any) -> None:
+    """bf16 only where the hardware has it (unless set), and `use_cpu` without an accelerator (DDP over gloo)."""
+    if config.bf16 is None and not config.fp16:
+        config.bf16 = _bf16_available()
+    if not _accelerator_available():
+        config.use_cpu = True
+
+
 @dataclass
 class RobustSFTConfig(SFTConfig):
     r"""
@@ -61,10 +69,7 @@ class RobustSFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        if self.bf16 is None and not self.fp16:
-            self.bf16 = _bf16_available()
-        if not _accelerator_available():
-            self.use_cpu = True
+        apply_device_defaults(self)
         if self.quantization not in (None, "4bit", "8bit"):
             raise ValueError(f"quantization must be None, '4bit' or '8bit', got {self.quantization!r}.")
         super().__post_init__()
@@ -84,7 +89,7 @@ class RobustSFTTrainer(SFTTrainer):
 
     _tag_names = ["trl", "sft", "robust_sft"]
     _name = "Robust SFT"
-    _paper = None
+    _paper: dict[str, str] = {}
 
     # Per-token and per-example fields that a subclass needs in `compute_loss`; raw columns to keep for them.
     _token_fields: tuple[str, ...] = ()
@@ -104,6 +109,7 @@ class RobustSFTTrainer(SFTTrainer):
         if model is None or isinstance(model, (str, os.PathLike)):
             model, tokenizer = self._load_model(model, args, kwargs.pop("quantization_config", None))
             processing_class = processing_class if processing_class is not None else tokenizer
+        model = self._prepare_model(model, processing_class, args, kwargs)
         if train_dataset is not None:
             train_dataset = load_examples(train_dataset)
         if isinstance(eval_dataset, (str, os.PathLike)):
@@ -160,6 +166,11 @@ class RobustSFTTrainer(SFTTrainer):
 
             loaded = prepare_model_for_kbit_training(loaded, use_gradient_checkpointing=args.gradient_checkpointing)
         return loaded, tokenizer
+
+    def _prepare_model(self, model: PreTrainedModel, processing_class: Any, args: SFTConfig, kwargs: dict[str, Any]):
+        """Hook between loading and SFTTrainer's set-up (PEFT wrapping): change the model or `kwargs` (e.g. the
+        `peft_config`) in place. Returns the model."""
+        return model
 
     # ----------------------------------------------------------------------------------------------- data
     def _keep_columns(self, dataset: Dataset, dataset_name: str) -> tuple[str, ...]:

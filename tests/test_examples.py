@@ -45,3 +45,33 @@ def test_taia_example(tmp_path):
     run_example("taia_sft.py", *args)
     assert (out / "adapter_config.json").is_file()
     assert "taia" in (out / "taia-model" / "taia.json").read_text().lower()
+
+
+def test_anit_example_on_sst2_rows(tmp_path):
+    model = save_tiny_model(str(tmp_path / "tiny"))
+    out = tmp_path / "out"
+    sst2 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "sst2", "dev.tsv")
+    args = ["--model_name_or_path", model, "--output_dir", str(out), *QUICK_RUN, "--lora_r", "4",
+            "--lora_target_modules", "all-linear", "--dataset_path", sst2, "--eval_size", "6", "--noise_rate", "1.0",
+            "--distortion_metric", "levenshtein", "--eval_operators", "cut,word_shuffle"]  # fmt: skip
+    result = run_example("anit_sft.py", *args)
+    assert (out / "adapter_config.json").is_file()
+    report = result.stdout[result.stdout.index('{\n  "clean"') :]
+    import json
+
+    scores = json.loads(report)
+    assert list(scores) == ["clean", "cut", "word_shuffle"]
+    assert result.stdout.count(", distortion ") == 3  # three noisy instructions shown
+
+
+def test_delia_example(tmp_path):
+    model = save_tiny_model(str(tmp_path / "tiny"))
+    out = tmp_path / "out"
+    args = ["--model_name_or_path", model, "--output_dir", str(out), *QUICK_RUN, "--lora_r", "4",
+            "--lora_target_modules", "all-linear", "--num_queries", "4", "--cache_max_new_tokens", "4",
+            "--diverse_ratio", "0.5", "--new_special_tokens", "<sep>"]  # fmt: skip
+    result = run_example("delia_sft.py", *args)
+    assert "Training rows: {'task': 8, 'diverse': 4}" in result.stdout
+    assert "Format compliance on unseen phrasings:" in result.stdout
+    assert len((out / "diverse_cache.jsonl").read_text().splitlines()) == 4
+    assert (out / "adapter_config.json").is_file()

@@ -1,0 +1,245 @@
+"""Cost of each trainer against plain `trl.SFTTrainer` on identical batches: seconds per optimiser step, peak memory.
+
+    python benchmarks/cost.py                 # the embedded SmolLM2-135M-Instruct, SST-2 instruction rows
+    python benchmarks/cost.py --quick         # a tiny in-process model, a few steps (the CI smoke run)
+
+Every configuration trains in its own child process (so peak memory is its own; `--quick` runs them in-process)
+on the same rows, in the same order, with the same LoRA and batch; the parent writes `results/cost[-quick].json`
+and a markdown table, each figure also as a ratio to plain SFTTrainer. Step time: the median after `--warmup`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED_DATA = HERE.parent.parent / "shared" / "data"
+
+# name -> (trainer, config overrides)
+CONFIGURATIONS = {
+    "SFTTrainer (trl)": ("trl", {}),
+    "RobustSFTTrainer": ("robust", {}),
+    "TAIATrainer": ("taia", {}),
+    "ANIT (noise + adversarial)": ("anit", {"distortion_metric": "levenshtein"}),
+    "ANIT noise only": ("anit", {"use_adversarial": False, "distortion_metric": "levenshtein"}),
+    "ANIT adversarial only": ("anit", {"use_noise": False}),
+}
+
+
+def sst2_rows(count: int) -> list[dict]:
+    """SST-2 sentences as conversational prompt/completion rows (a format both TRL and robust_sft read)."""
+    path = SHARED_DATA / "sst2" / "train.tsv"
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        next(handle)
+        for line in handle:
+            sentence, label = line.rstrip("\n").rsplit("\t", 1)
+            if len(sentence.split()) < 8:
+                continue
+            prompt = f"Classify the sentiment of the review as positive or negative.\n\n{sentence.strip()}"
+            answer = "positive" if label == "1" else "negative"
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "completion": [{"role": "assistant", "content": answer}],
+                }
+            )
+            if len(rows) == count:
+                break
+    return rows
+
+
+def run_one(name: str, quick: bool, steps: int, batch_size: int, output: str) -> None:
+    """Child process: train one configuration, write its timings and peak memory to `output`."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    kind, overrides = CONFIGURATIONS[name]
+    if quick:
+        from robust_sft.testing import make_tiny_model, make_tiny_tokenizer
+
+        tokenizer = make_tiny_tokenizer()
+        model = make_tiny_model("llama", tokenizer)
+    else:
+        from robust_sft import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer()
+    rows = Dataset.from_list(sst2_rows(steps * batch_size))
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix="robust-sft-cost-"),  # nothing is saved there (save_strategy="no")
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=2e-4,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        max_length=256,
+        bf16=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
+    if kind == "trl":
+        from trl import SFTConfig, SFTTrainer
+
+        trainer_class, config = SFTTrainer, SFTConfig(**common)
+    elif kind == "robust":
+        from robust_sft import RobustSFTConfig, RobustSFTTrainer
+
+        trainer_class, config = RobustSFTTrainer, RobustSFTConfig(**common)
+    elif kind == "taia":
+        from robust_sft.taia import TAIAConfig, TAIATrainer
+
+        trainer_class, config = TAIATrainer, TAIAConfig(**common)
+        lora.target_modules = None
+    else:
+        from robust_sft.anit import NoisyInstructionConfig, NoisyInstructionTrainer
+
+        trainer_class, config = NoisyInstructionTrainer, NoisyInstructionConfig(**common, **overrides)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.started, self.durations = 0.0, []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.durations.append(time.perf_counter() - self.started)
+
+    timer = StepTimer()
+    trainer = trainer_class(
+        model=model, args=config, train_dataset=rows, processing_class=tokenizer, peft_config=lora, callbacks=[timer]
+    )
+    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    result = {
+        "name": name,
+        "step_seconds": timer.durations,
+        "train_tokens": tokens,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "final_loss": trainer.state.log_history[-2].get("loss"),
+    }
+    Path(output).write_text(json.dumps(result))
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "threads": int(os.environ.get("BENCH_THREADS", "2")),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+
+
+def summarise(results: list[dict], warmup: int) -> list[dict]:
+    base = None
+    rows = []
+    for result in results:
+        timed = result["step_seconds"][warmup:] or result["step_seconds"]
+        row = {
+            "name": result["name"],
+            "median_step_s": statistics.median(timed),
+            "min_step_s": min(timed),
+            "max_step_s": max(timed),
+            "peak_rss_mb": result["peak_rss_mb"],
+            "peak_cuda_mb": result["peak_cuda_mb"],
+        }
+        base = base or row
+        row["time_ratio"] = row["median_step_s"] / base["median_step_s"]
+        row["memory_ratio"] = row["peak_rss_mb"] / base["peak_rss_mb"]
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| trainer | s / step (median) | range | vs SFTTrainer | peak RSS (MB) | vs SFTTrainer |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['name']} | {row['median_step_s']:.2f} | {row['min_step_s']:.2f}-{row['max_step_s']:.2f} | "
+            f"{row['time_ratio']:.2f}x | {row['peak_rss_mb']:.0f} | {row['memory_ratio']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="Tiny model, 3 steps: a smoke run.")
+    parser.add_argument("--steps", type=int, default=None, help="Optimiser steps per configuration.")
+    parser.add_argument("--warmup", type=int, default=None, help="Steps left out of the timing.")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--only", default=None, help="Comma-separated configuration names (default: all).")
+    parser.add_argument("--output-dir", default=str(HERE / "results"))
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-output", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    steps = args.steps or (3 if args.quick else 8)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    if args.child:
+        run_one(args.child, args.quick, steps, args.batch_size, args.child_output)
+        return 0
+    names = args.only.split(",") if args.only else list(CONFIGURATIONS)
+    if names[0] != "SFTTrainer (trl)":
+        names.insert(0, "SFTTrainer (trl)")  # the ratios' reference always runs
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in names:
+        child_output = output_dir / f".cost-{len(results)}.json"
+        print(f"== {name}", flush=True)
+        if args.quick:  # a smoke run: in-process (its memory column is then cumulative, not per trainer)
+            run_one(name, True, steps, args.batch_size, str(child_output))
+        else:
+            command = [sys.executable, __file__, "--child", name, "--child-output", str(child_output),
+                       "--steps", str(steps), "--batch-size", str(args.batch_size)]  # fmt: skip
+            subprocess.run(command, check=True)
+        results.append(json.loads(child_output.read_text()))
+        child_output.unlink()
+    rows = summarise(results, warmup)
+    suffix = "-quick" if args.quick else ""
+    report = {
+        "benchmark": "cost",
+        "command": "python benchmarks/cost.py" + (" --quick" if args.quick else ""),
+        "machine": machine(),
+        "steps": steps,
+        "warmup": warmup,
+        "batch_size": args.batch_size,
+        "model": "tiny llama (robust_sft.testing)" if args.quick else "SmolLM2-135M-Instruct (embedded)",
+        "rows": rows,
+        "raw": results,
+    }
+    temporary = output_dir / f".cost{suffix}.json.tmp"
+    temporary.write_text(json.dumps(report, indent=2))
+    os.replace(temporary, output_dir / f"cost{suffix}.json")  # atomic: a reader never sees half a file
+    (output_dir / f"cost{suffix}.md").write_text(markdown(rows) + "\n")
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
