@@ -16,6 +16,7 @@ from .modeling import (
     load_model_and_tokenizer,
     load_tokenizer,
 )
+from .realign import SafetyRealignConfig, SafetyRealignTrainer
 from .trainer import RobustSFTConfig, RobustSFTTrainer
 from .version import __version__
 
@@ -28,6 +29,8 @@ __all__ = [
     "RobustDataCollator",
     "RobustSFTConfig",
     "RobustSFTTrainer",
+    "SafetyRealignConfig",
+    "SafetyRealignTrainer",
     "__version__",
     "build_cache",
     "detect_format",

@@ -348,6 +348,129 @@ def run_build_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _realign_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--safe", default=None, help="The safe (aligned) model: hub id or folder (default: embedded).")
+    parser.add_argument("--finetuned", default=None, help="Full mode: the fine-tuned model folder.")
+    parser.add_argument("--finetuned-adapter", default=None, help="LoRA mode: the fine-tuned adapter folder.")
+    parser.add_argument("--safe-adapter", default=None, help="LoRA mode: the safe adapter (default: none, the base).")
+    parser.add_argument(
+        "--preferences", required=True, help="Safety pairs: prompt/chosen/rejected or hh-rlhf .jsonl.gz."
+    )
+    parser.add_argument("--limit", type=int, default=None, help="Use the first N pairs.")
+    parser.add_argument("--output-dir", required=True, help="Where the realigned model/adapter and its report go.")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=5e-3)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--granularity", choices=["element", "row", "tensor"], default="element")
+    parser.add_argument("--export-mode", choices=["threshold", "expected"], default="threshold")
+    parser.add_argument("--merge", action="store_true", help="LoRA mode: write a merged model instead of an adapter.")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+@command("realign", "Safety realignment: learn a mask over a fine-tune's task vector with DPO.", _realign_arguments)
+def run_realign(args: argparse.Namespace) -> int:
+    from peft import PeftModel
+
+    from .modeling import load_model_and_tokenizer
+    from .realign import (
+        SafetyRealignConfig,
+        SafetyRealignTrainer,
+        load_preference_pairs,
+        task_vector_from_adapters,
+        task_vector_from_models,
+    )
+
+    if bool(args.finetuned) == bool(args.finetuned_adapter):
+        raise SystemExit("Give exactly one of --finetuned (full mode) or --finetuned-adapter (LoRA mode).")
+    model, tokenizer = load_model_and_tokenizer(args.safe)
+    if args.finetuned:
+        vector = task_vector_from_models(model.name_or_path, args.finetuned)
+    else:
+        vector = task_vector_from_adapters(args.finetuned_adapter, args.safe_adapter)
+        model = PeftModel.from_pretrained(model, args.safe_adapter or args.finetuned_adapter)
+        if not args.safe_adapter:  # the safe model is the base: its adapter is zero
+            for name, parameter in model.named_parameters():
+                if "lora_" in name:
+                    parameter.data.zero_()
+    pairs = load_preference_pairs(args.preferences)
+    if args.limit is not None:
+        pairs = pairs.select(range(min(args.limit, len(pairs))))
+    config = SafetyRealignConfig(
+        output_dir=args.output_dir,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        beta=args.beta,
+        max_length=args.max_length,
+        mask_granularity=args.granularity,
+        export_mode=args.export_mode,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
+    )
+    trainer = SafetyRealignTrainer(
+        model=model, task_vector=vector, args=config, train_dataset=pairs, processing_class=tokenizer
+    )
+    trainer.train()
+    report = trainer.export(args.output_dir, merge=args.merge)
+    print(f"Realigned model in {args.output_dir}; kept {100 * report['kept_fraction']:.1f}% of the task vector.")
+    return 0
+
+
+def _read_prompts(path: str, field: str | None, limit: int | None) -> list[str]:
+    from .data import load_examples
+
+    rows = load_examples(path)
+    column = field or next(
+        (name for name in ("goal", "prompt", "instruction", "question") if name in rows.column_names), None
+    )
+    if column is None:
+        raise SystemExit(f"{path}: name the prompt column with --prompt-field (columns: {rows.column_names}).")
+    prompts = [text for text in rows[column] if isinstance(text, str) and text.strip()]
+    return prompts[:limit] if limit is not None else prompts
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="Hub id or folder (default: the embedded SmolLM2-135M).")
+    parser.add_argument("--adapter", default=None, help="A LoRA adapter folder to attach.")
+    parser.add_argument("--safety", action="store_true", help="Refusal rate on harmful prompts (e.g. AdvBench).")
+    parser.add_argument("--prompts", default=None, help="Prompt file (.csv/.jsonl); AdvBench's `goal` is found.")
+    parser.add_argument("--prompt-field", default=None)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--output", default=None, help="Write the results (with the answers) as JSON here.")
+
+
+@command("eval", "Evaluate a model: --safety gives the refusal rate on harmful prompts.", _eval_arguments)
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluation import refusal_rate
+    from .modeling import load_model_and_tokenizer
+
+    if not args.safety:
+        raise SystemExit("Choose what to evaluate: --safety (refusal rate).")
+    if not args.prompts:
+        raise SystemExit("--safety needs --prompts (e.g. AdvBench's harmful_behaviors.csv).")
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    prompts = _read_prompts(args.prompts, args.prompt_field, args.limit)
+    result = refusal_rate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+    print(f"refusal rate {result['refusal_rate']:.3f} on {len(prompts)} prompts (attack success "
+          f"{result['attack_success_rate']:.3f})")  # fmt: skip
+    if args.output:
+        from pathlib import Path
+
+        record = {**result, "prompts": prompts, "model": args.model or "embedded", "adapter": args.adapter}
+        Path(args.output).write_text(json.dumps(record, indent=2, ensure_ascii=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="robust-sft", description="Robust instruction tuning on top of TRL.")

@@ -75,3 +75,18 @@ def test_delia_example(tmp_path):
     assert "Format compliance on unseen phrasings:" in result.stdout
     assert len((out / "diverse_cache.jsonl").read_text().splitlines()) == 4
     assert (out / "adapter_config.json").is_file()
+
+
+def test_safety_realign_example(tmp_path):
+    model = save_tiny_model(str(tmp_path / "tiny"))
+    out = tmp_path / "out"
+    args = ["--model_name_or_path", model, "--output_dir", str(out), "--max_steps", "1", "--finetune_steps", "1",
+            "--finetune_rows", "8", "--per_device_train_batch_size", "4", "--gradient_checkpointing", "false",
+            "--report_to", "none", "--save_strategy", "no", "--max_length", "64"]  # fmt: skip
+    result = run_example("safety_realign.py", *args)
+    import json
+
+    scores = json.loads(result.stdout[result.stdout.index('{\n  "safe"') :])
+    assert list(scores) == ["safe", "fine-tuned", "realigned", "kept_fraction"]
+    assert (out / "realigned-adapter" / "realign_report.json").is_file()
+    assert (out / "finetuned-adapter" / "adapter_config.json").is_file()
