@@ -21,7 +21,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from robust_sft import load_examples, load_model_and_tokenizer
 from robust_sft.anit import NoisyInstructionConfig, NoisyInstructionTrainer
 from robust_sft.demo import SENTIMENT_INSTRUCTIONS, make_sentiment_data
-from robust_sft.evaluation import perturbation_robustness
+from robust_sft.eval import perturbation_robustness
 
 
 @dataclass

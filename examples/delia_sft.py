@@ -3,8 +3,7 @@
     python examples/delia_sft.py --output_dir outputs/delia --max_steps 20 --gradient_checkpointing false \\
         --learning_rate 1e-3 --use_peft --lora_r 16 --lora_alpha 16 --lora_target_modules all-linear
     python examples/delia_sft.py --config examples/recipes/delia.yaml
-    python examples/delia_sft.py ... --queries_path ../shared/data/self_instruct/seed_tasks.jsonl \\
-        --query_field instruction
+    python examples/delia_sft.py ... --queries_path ../shared/data/self_instruct/seed_tasks.jsonl
 
 1. build_cache: the model answers the queries (resumable: the cache in output_dir is reused and completed);
    without --queries_path the task's own prompts are the queries.
@@ -21,7 +20,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from robust_sft import load_examples, load_model_and_tokenizer
 from robust_sft.delia import DSFTConfig, DSFTTrainer, build_cache
 from robust_sft.demo import SEP_FORMAT, make_sep_task_data
-from robust_sft.evaluation import format_compliance, generate_answers
+from robust_sft.eval import format_compliance, generate_answers
 
 
 @dataclass

@@ -23,7 +23,7 @@ from trl import TrlParser
 
 from robust_sft import RobustSFTConfig, RobustSFTTrainer, load_model_and_tokenizer
 from robust_sft.demo import make_safety_demo_data, make_sentiment_data
-from robust_sft.evaluation import label_accuracy, refusal_rate
+from robust_sft.eval import label_accuracy, refusal_rate
 from robust_sft.realign import (
     SafetyRealignConfig,
     SafetyRealignTrainer,

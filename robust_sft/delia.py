@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import DataFormatError, detect_format, load_examples, prepare_dataset, to_example
-from .evaluation import generate_batch
+from .eval import generate_batch
 from .trainer import RobustSFTConfig, RobustSFTTrainer
 
 logger = logging.getLogger(__name__)
@@ -352,7 +352,8 @@ def read_queries(
     query_field: str | None = None,
     answer_field: str | None = None,
 ) -> list[Query]:
-    """Queries from plain strings, or rows of any data-layer format (or with `query_field` / `answer_field`).
+    """Queries from plain strings, rows of any data-layer format, self-instruct seed tasks (`instruction` +
+    `instances`), or any rows with `query_field` / `answer_field`.
 
     Malformed rows raise `DataFormatError` naming the row.
     """
@@ -375,6 +376,8 @@ def read_queries(
                 raise DataFormatError(f"Row {index}: field `{answer_field}` is missing or empty (got {reference!r}).")
             queries.append(Query(text, reference))
         return queries
+    if {"instruction", "instances"} <= set(rows.column_names):
+        return [_self_instruct_query(row, index) for index, row in enumerate(rows)]
     data_format = detect_format(rows.column_names)
     queries = []
     for index, row in enumerate(rows):
@@ -386,6 +389,16 @@ def read_queries(
             raise DataFormatError(f"Row {index}: the conversation has no user turn to use as a query.")
         queries.append(Query(example.messages[example.instruction_turn]["content"], example.messages[-1]["content"]))
     return queries
+
+
+def _self_instruct_query(row: dict[str, Any], index: int) -> Query:
+    """A self-instruct seed task: the instruction (+ its first instance's input) and that instance's output."""
+    instruction, instances = row.get("instruction"), row.get("instances") or []
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise DataFormatError(f"Row {index}: field `instruction` is missing or empty (got {instruction!r}).")
+    first = instances[0] if instances and isinstance(instances[0], dict) else {}
+    extra = first.get("input") or ""
+    return Query(instruction + (f"\n\n{extra}" if extra.strip() else ""), first.get("output") or None)
 
 
 def one_shot_messages(query: Query, system_prompt: str | None = None) -> list[dict[str, str]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from .evaluation import MultipleChoiceQuestion, answer_loss, generate_answers, multiple_choice_accuracy
+from .eval import MultipleChoiceQuestion, answer_loss, generate_answers, multiple_choice_accuracy
 
 _NAMES = ["Tom", "Mia", "Ravi", "Lena", "Omar", "Sofia", "Ken", "Ada", "Luis", "Nora", "Ivan", "Zoe"]
 _ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "stamps", "shells"]

@@ -300,3 +300,16 @@ def test_cli_build_cache_then_train_delia(tmp_path, capsys):
     assert "<sep>" in (out / "tokenizer.json").read_text()
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert "model.embed_tokens" in adapter["target_modules"]
+
+
+def test_self_instruct_seed_tasks_are_queries():
+    from .conftest import SHARED_DATA
+
+    queries = read_queries(f"{SHARED_DATA}/self_instruct/seed_tasks.jsonl")
+    assert len(queries) == 175
+    first = json.loads(open(f"{SHARED_DATA}/self_instruct/seed_tasks.jsonl").readline())
+    assert queries[0] == Query(first["instruction"], first["instances"][0]["output"])
+    with_input = next(q for q in queries if "\n\n" in q.text)
+    assert with_input.reference
+    with pytest.raises(DataFormatError, match="Row 1: field `instruction`"):
+        read_queries([{"instruction": "a", "instances": []}, {"instruction": "", "instances": []}])

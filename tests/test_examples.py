@@ -60,7 +60,8 @@ def test_anit_example_on_sst2_rows(tmp_path):
     import json
 
     scores = json.loads(report)
-    assert list(scores) == ["clean", "cut", "word_shuffle"]
+    assert list(scores)[:3] == ["clean", "cut", "word_shuffle"]
+    assert all(name.startswith("distortion:") for name in list(scores)[3:])
     assert result.stdout.count(", distortion ") == 3  # three noisy instructions shown
 
 
