@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -22,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-SHARED_DATA = HERE.parent.parent / "shared" / "data"
+from common import RESULTS, SHARED_DATA, machine, write_report
 
 # name -> (trainer, config overrides)
 CONFIGURATIONS = {
@@ -33,6 +31,7 @@ CONFIGURATIONS = {
     "ANIT (noise + adversarial)": ("anit", {"distortion_metric": "levenshtein"}),
     "ANIT noise only": ("anit", {"use_adversarial": False, "distortion_metric": "levenshtein"}),
     "ANIT adversarial only": ("anit", {"use_noise": False}),
+    "DSFTTrainer (task rows only)": ("delia", {"diverse_ratio": 0.0}),
 }
 
 
@@ -106,6 +105,10 @@ def run_one(name: str, quick: bool, steps: int, batch_size: int, output: str) ->
 
         trainer_class, config = TAIATrainer, TAIAConfig(**common)
         lora.target_modules = None
+    elif kind == "delia":  # ratio 0 keeps the batches identical: what is measured is the source tag and its loss hook
+        from robust_sft.delia import DSFTConfig, DSFTTrainer
+
+        trainer_class, config = DSFTTrainer, DSFTConfig(**common, **overrides)
     else:
         from robust_sft.anit import NoisyInstructionConfig, NoisyInstructionTrainer
 
@@ -141,16 +144,37 @@ def run_one(name: str, quick: bool, steps: int, batch_size: int, output: str) ->
     Path(output).write_text(json.dumps(result))
 
 
-def machine() -> dict:
+def cache_throughput(quick: bool, output_dir: Path, queries: int = 16, new_tokens: int = 32) -> dict:
+    """build_cache queries per second, batched (16 at a time) vs one by one, greedy, same queries and lengths."""
     import torch
 
+    from robust_sft.delia import Query, build_cache
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    if quick:
+        from robust_sft.testing import make_tiny_model, make_tiny_tokenizer
+
+        tokenizer = make_tiny_tokenizer()
+        model = make_tiny_model("llama", tokenizer)
+        queries, new_tokens = 4, 4
+    else:
+        from robust_sft import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer()
+    rows = sst2_rows(queries)
+    items = [Query(row["prompt"][0]["content"], row["completion"][0]["content"]) for row in rows]
+    timings = {}
+    for name, batch_size in (("batched", 16), ("one_by_one", 1)):
+        path = Path(tempfile.mkdtemp(prefix="robust-sft-cache-")) / "cache.jsonl"
+        started = time.perf_counter()
+        build_cache(model, tokenizer, items, path, batch_size=batch_size, max_new_tokens=new_tokens, do_sample=False)
+        timings[name] = len(items) / (time.perf_counter() - started)
     return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "threads": int(os.environ.get("BENCH_THREADS", "2")),
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "queries": len(items),
+        "max_new_tokens": new_tokens,
+        "batched_queries_per_s": timings["batched"],
+        "one_by_one_queries_per_s": timings["one_by_one"],
+        "speedup": timings["batched"] / timings["one_by_one"],
     }
 
 
@@ -194,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="Steps left out of the timing.")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--only", default=None, help="Comma-separated configuration names (default: all).")
-    parser.add_argument("--output-dir", default=str(HERE / "results"))
+    parser.add_argument("--output-dir", default=str(RESULTS))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-output", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -222,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         child_output.unlink()
     rows = summarise(results, warmup)
     suffix = "-quick" if args.quick else ""
+    print("== build_cache throughput", flush=True)
+    throughput = cache_throughput(args.quick, output_dir)
     report = {
         "benchmark": "cost",
         "command": "python benchmarks/cost.py" + (" --quick" if args.quick else ""),
@@ -231,13 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "model": "tiny llama (robust_sft.testing)" if args.quick else "SmolLM2-135M-Instruct (embedded)",
         "rows": rows,
+        "build_cache": throughput,
         "raw": results,
     }
-    temporary = output_dir / f".cost{suffix}.json.tmp"
-    temporary.write_text(json.dumps(report, indent=2))
-    os.replace(temporary, output_dir / f"cost{suffix}.json")  # atomic: a reader never sees half a file
+    write_report(output_dir, f"cost{suffix}", report)
     (output_dir / f"cost{suffix}.md").write_text(markdown(rows) + "\n")
     print(markdown(rows))
+    print(json.dumps(throughput, indent=2))
     return 0
 
 

@@ -459,13 +459,20 @@ def _classification_rows(texts: Sequence[str], answers: Sequence[str], instructi
 
 
 def load_sst2(
-    path: str | os.PathLike, limit: int | None = None, instruction: str = SST2_INSTRUCTION, seed: int | None = None
+    path: str | os.PathLike,
+    limit: int | None = None,
+    instruction: str = SST2_INSTRUCTION,
+    seed: int | None = None,
+    min_words: int = 0,
 ) -> Dataset:
     """SST-2 (`sentence<TAB>label`, 1 = positive) as instruction-classification rows answering with a label word.
 
-    `seed` shuffles before `limit` (the files are ordered); `None` keeps the file order.
+    `seed` shuffles before `limit` (the files are ordered); `None` keeps the file order. `min_words` drops the short
+    phrases of the phrase-level training file.
     """
     rows = load_examples(path)
+    if min_words:
+        rows = rows.filter(lambda row: len(str(row["sentence"]).split()) >= min_words)
     if seed is not None:
         rows = rows.shuffle(seed=seed)
     rows = rows.select(range(min(limit, len(rows)))) if limit is not None else rows

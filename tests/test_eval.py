@@ -139,6 +139,7 @@ def test_shared_task_loaders():
     piqa = load_piqa(f"{SHARED_DATA}/piqa")
     assert len(piqa) == 1838 and piqa[0].answer == 0 and len(piqa[0].options) == 2
     assert piqa[0].question.startswith("How do I ready a guinea pig cage")
+    assert all(len(text.split()) >= 8 for text in load_sst2(f"{SHARED_DATA}/sst2/train.tsv", 30, min_words=8)["input"])
     sst2 = load_sst2(f"{SHARED_DATA}/sst2/dev.tsv", limit=20)
     assert len(sst2) == 20 and set(sst2["output"]) <= set(SST2_LABELS)
     assert sst2[0] == {
