@@ -1,6 +1,5 @@
 """robust_sft: drop-in robust replacements for TRL's `SFTTrainer`."""
 
-from .anit import NoisyInstructionConfig, NoisyInstructionTrainer
 from .data import (
     DataFormatError,
     RobustDataCollator,
@@ -8,7 +7,6 @@ from .data import (
     load_examples,
     prepare_dataset,
 )
-from .delia import DSFTConfig, DSFTTrainer, build_cache
 from .modeling import (
     embedded_model_dir,
     ensure_embedded_model,
@@ -16,9 +14,29 @@ from .modeling import (
     load_model_and_tokenizer,
     load_tokenizer,
 )
-from .realign import SafetyRealignConfig, SafetyRealignTrainer
 from .trainer import RobustSFTConfig, RobustSFTTrainer
 from .version import __version__
+
+# The method modules load on first use (realignment pulls in TRL's DPOTrainer): `robust-sft env` and the data layer
+# do not pay for them.
+_LAZY = {
+    "NoisyInstructionConfig": "anit",
+    "NoisyInstructionTrainer": "anit",
+    "DSFTConfig": "delia",
+    "DSFTTrainer": "delia",
+    "build_cache": "delia",
+    "SafetyRealignConfig": "realign",
+    "SafetyRealignTrainer": "realign",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DSFTConfig",

@@ -297,15 +297,26 @@ class NoisyInstructionTrainer(RobustSFTTrainer):
         if not (self.args.use_adversarial and model.training):
             return result
         loss, outputs = result if return_outputs else (result, None)
-        self._log_metric("clean_loss", loss)
+        self._log_metric("clean_loss", self._per_batch(loss, num_items_in_batch))
         if "distortion" in extras:
             self._log_metric("distortion", extras["distortion"].float().mean())
         adversarial = self._adversarial_loss(model, model_inputs, extras, num_items_in_batch)
         if adversarial is not None:
-            self._log_metric("adversarial_loss", adversarial)
+            self._log_metric("adversarial_loss", self._per_batch(adversarial, num_items_in_batch))
             loss = loss + self.args.adversarial_weight * adversarial
         self._log_metric("adversarial_skipped", self.adversarial_skipped)
         return (loss, outputs) if return_outputs else loss
+
+    def _per_batch(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """A micro-batch's loss as the loss of its whole optimiser step would read: normalised by the step's tokens, it
+        is a share of that loss, and the logged mean over micro-batches times their number is the step's loss."""
+        if num_items_in_batch is None:
+            return loss
+        # Set by Trainer's loop; a direct compute_loss call falls back to the configured accumulation.
+        scale = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        if self.args.average_tokens_across_devices:
+            scale /= self.accelerator.num_processes // self.get_tp_size()
+        return loss * scale
 
     def perturbation_mask(self, inputs: dict[str, Any]) -> torch.Tensor:
         """(batch, length) 0/1 float mask of the tokens the adversarial step may move (`adversarial_scope`)."""
@@ -373,31 +384,9 @@ class NoisyInstructionTrainer(RobustSFTTrainer):
         return self._token_loss(unwrapped, inputs_embeds + deltas[1], model_inputs, num_items_in_batch)
 
 
-def describe_perturbations(
-    text: str,
-    operators: list[str] | None = None,
-    rate: float = 0.2,
-    seed: int = 0,
-    encoder: SentenceEncoder | None = None,
-) -> list[dict[str, Any]]:
-    """Each operator's perturbation of `text` with its Levenshtein (and, given an encoder, embedding) distortion."""
-    rows = []
-    scorer = EmbeddingDistortion(encoder) if encoder is not None else None
-    for name in operators or list(OPERATORS):
-        operator = get_operator(name)
-        noisy = operator(text, rate, random.Random(seed))
-        row = {"operator": name, "level": operator.level, "noisy": noisy}
-        row["levenshtein"] = round(levenshtein_distortion(text, noisy), 4)
-        if scorer is not None:
-            row["embedding"] = round(scorer(text, noisy), 4)
-        rows.append(row)
-    return rows
-
-
 __all__ = [
     "ANIT_OPERATORS",
     "NoisyInstructionConfig",
     "NoisyInstructionTrainer",
-    "describe_perturbations",
     "nrm_scale",
 ]

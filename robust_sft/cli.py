@@ -283,8 +283,7 @@ def _perturb_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("perturb", "Show each noise operator's version of a text with its semantic distortion.", _perturb_arguments)
 def run_perturb(args: argparse.Namespace) -> int:
-    from .anit import describe_perturbations
-    from .noise import SentenceEncoder
+    from .noise import SentenceEncoder, describe_perturbations
 
     encoder = SentenceEncoder.minilm() if args.embedding else None
     operators = args.operators.split(",") if args.operators else None

@@ -26,7 +26,7 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .data import DataFormatError, detect_format, load_examples, prepare_dataset, to_example
+from .data import DataFormatError, detect_format, load_examples, to_example
 from .eval import generate_batch
 from .trainer import RobustSFTConfig, RobustSFTTrainer
 
@@ -255,29 +255,17 @@ class DSFTTrainer(RobustSFTTrainer):
             Path(output_dir, DSFT_FILE).write_text(json.dumps(record, indent=2))
 
     # ----------------------------------------------------------------------------------------------- data
-    def _tokenize(self, dataset: Dataset, tokenizer, args, description: str) -> Dataset:
-        return prepare_dataset(
-            dataset,
-            tokenizer,
-            max_length=args.max_length,
-            truncation_mode=args.truncation_mode,
-            completion_only_loss=args.completion_only_loss is not False,
-            num_proc=args.dataset_num_proc,
-            desc=f"Tokenizing {description} rows",
-        )
-
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if isinstance(dataset, Dataset) and "input_ids" not in dataset.column_names and formatting_func is None:
-            tokenizer = getattr(processing_class, "tokenizer", processing_class)
-            task = self._tokenize(dataset, tokenizer, args, f"{dataset_name} task")
+            task = self._tokenize(dataset, processing_class, args, f"{dataset_name} task rows")
             task = task.add_column("source", [0] * len(task))
             if dataset_name == "train" and self.diverse_dataset is not None and args.diverse_ratio > 0:
-                dataset = self._mix(task, tokenizer, args)
+                dataset = self._mix(task, processing_class, args)
             else:
                 dataset = task
         return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
 
-    def _mix(self, task: Dataset, tokenizer, args: DSFTConfig) -> Dataset:
+    def _mix(self, task: Dataset, processing_class: Any, args: DSFTConfig) -> Dataset:
         wanted = int(len(task) * args.diverse_ratio)
         available = len(self.diverse_dataset)
         if available < wanted:
@@ -292,7 +280,7 @@ class DSFTTrainer(RobustSFTTrainer):
                 available,
             )
         chosen = self.diverse_dataset.shuffle(seed=args.seed).select(range(min(available, wanted)))
-        diverse = self._tokenize(chosen, tokenizer, args, "diverse")
+        diverse = self._tokenize(chosen, processing_class, args, "diverse rows")
         diverse = diverse.add_column("source", [1] * len(diverse))
         self.mix_counts = {"task": len(task), "diverse": len(diverse)}
         logger.info("DELIA: %d task rows + %d diverse rows.", len(task), len(diverse))

@@ -301,16 +301,14 @@ def perturbation_robustness(
     pooled: dict[str, list[bool]] = {}
     for name in operators:
         operator = get_operator(name)
-
-        def transform(text: str, index: int, operator=operator) -> str:
-            return operator(text, rate, random.Random(f"{seed}:{operator.name}:{index}"), context)
-
-        correct = label_correctness(model, tokenizer, rows, labels, transform, batch_size, name)
+        noisy = [
+            operator(text, rate, random.Random(f"{seed}:{name}:{i}"), context) for i, text in enumerate(instructions)
+        ]
+        correct = label_correctness(model, tokenizer, rows, labels, lambda text, i, n=noisy: n[i], batch_size, name)
         accuracy = sum(correct) / max(len(correct), 1)
         results[name] = {"accuracy": accuracy, "pdr": performance_drop_rate(clean, accuracy)}
-        for index, right in enumerate(correct):
-            distortion = levenshtein_distortion(instructions[index], transform(instructions[index], index))
-            pooled.setdefault(distortion_bucket(distortion, buckets), []).append(right)
+        for raw, changed, right in zip(instructions, noisy, correct):
+            pooled.setdefault(distortion_bucket(levenshtein_distortion(raw, changed), buckets), []).append(right)
     for number, variant in enumerate(instruction_variants):
         accuracy = label_accuracy(
             model, tokenizer, rows, labels, lambda text, index, v=variant: v, batch_size, f"paraphrase {number}"
@@ -419,9 +417,8 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Share of predictions whose final number equals the reference's (GSM8K exact match)."""
     if len(predictions) != len(references):
         raise ValueError(f"Got {len(predictions)} predictions for {len(references)} references.")
-    hits = [
-        final_number(p) is not None and final_number(p) == final_number(r) for p, r in zip(predictions, references)
-    ]
+    answers = [(final_number(p), final_number(r)) for p, r in zip(predictions, references)]
+    hits = [answer is not None and answer == reference for answer, reference in answers]
     return sum(hits) / max(len(hits), 1)
 
 

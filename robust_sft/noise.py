@@ -482,3 +482,24 @@ class EmbeddingDistortion:
         distortion = (1.0 - cosine).clamp(0.0, 1.0)
         same = torch.tensor([raw == noisy for raw, noisy in zip(raws, noisies)], dtype=torch.bool)
         return distortion.masked_fill(same, 0.0).tolist()  # identical texts: exactly 0, not 1e-7
+
+
+def describe_perturbations(
+    text: str,
+    operators: list[str] | None = None,
+    rate: float = 0.2,
+    seed: int = 0,
+    encoder: SentenceEncoder | None = None,
+) -> list[dict[str, Any]]:
+    """Each operator's perturbation of `text` with its Levenshtein (and, given an encoder, embedding) distortion."""
+    rows = []
+    scorer = EmbeddingDistortion(encoder) if encoder is not None else None
+    for name in operators or list(OPERATORS):
+        operator = get_operator(name)
+        noisy = operator(text, rate, random.Random(seed))
+        row = {"operator": name, "level": operator.level, "noisy": noisy}
+        row["levenshtein"] = round(levenshtein_distortion(text, noisy), 4)
+        if scorer is not None:
+            row["embedding"] = round(scorer(text, noisy), 4)
+        rows.append(row)
+    return rows

@@ -184,19 +184,29 @@ class RobustSFTTrainer(SFTTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         columns = dataset.column_names if isinstance(dataset, Dataset) else None
         if isinstance(dataset, Dataset) and formatting_func is None and "input_ids" not in columns:
-            tokenizer = getattr(processing_class, "tokenizer", processing_class)
-            dataset = prepare_dataset(
+            dataset = self._tokenize(
                 dataset,
-                tokenizer,
-                max_length=args.max_length,
-                truncation_mode=args.truncation_mode,
-                completion_only_loss=args.completion_only_loss is not False,
+                processing_class,
+                args,
+                f"{dataset_name} dataset",
                 keep_columns=self._keep_columns(dataset, dataset_name),
                 instruction_transform=self._instruction_transform(dataset, dataset_name),
-                num_proc=args.dataset_num_proc,
-                desc=f"Tokenizing {dataset_name} dataset",
             )
         return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+
+    @staticmethod
+    def _tokenize(dataset: Dataset, processing_class: Any, args: SFTConfig, description: str, **options: Any):
+        """Raw rows -> token columns with the data layer, under the config's length and loss settings."""
+        return prepare_dataset(
+            dataset,
+            getattr(processing_class, "tokenizer", processing_class),
+            max_length=args.max_length,
+            truncation_mode=args.truncation_mode,
+            completion_only_loss=args.completion_only_loss is not False,
+            num_proc=args.dataset_num_proc,
+            desc=f"Tokenizing {description}",
+            **options,
+        )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

@@ -260,6 +260,8 @@ def test_loss_is_invariant_to_the_gradient_accumulation_split(tmp_path, tokenize
     before, one_batch, log_one = train_one_step(tmp_path / "4x1", tokenizer, 4, 1)
     _, accumulated, log_two = train_one_step(tmp_path / "2x2", tokenizer, 2, 2)
     assert log_one["loss"] == pytest.approx(log_two["loss"], rel=1e-5)
+    for metric in ("clean_loss", "adversarial_loss"):  # logged as the step's loss, not a micro-batch's share
+        assert log_one[metric] == pytest.approx(log_two[metric], rel=1e-5)
     assert any(not torch.equal(before[n], one_batch[n]) for n in before)
     for name in one_batch:
         torch.testing.assert_close(one_batch[name], accumulated[name], rtol=1e-5, atol=1e-6)
