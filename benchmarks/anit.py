@@ -13,10 +13,9 @@ each perturbation operator (seeded per row, so every model sees the same noisy i
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 
-from common import SHARED_DATA, benchmark_parser, finish
+from common import SHARED_DATA, benchmark_parser, finish, scratch_dir
 
 OPERATORS = [
     "char_substitute",
@@ -35,7 +34,7 @@ def build_trainer(name: str, model, tokenizer, rows, steps: int, seed: int, quic
     from robust_sft import NoisyInstructionConfig, NoisyInstructionTrainer, RobustSFTConfig, RobustSFTTrainer
 
     common = dict(
-        output_dir=tempfile.mkdtemp(prefix="robust-sft-anit-"),
+        output_dir=scratch_dir("anit"),
         max_steps=steps,
         per_device_train_batch_size=8,
         learning_rate=5e-4,

@@ -5,11 +5,22 @@ from __future__ import annotations
 import json
 import os
 import platform
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SHARED_DATA = HERE.parent.parent / "shared" / "data"
 RESULTS = HERE / "results"
+
+
+_SCRATCH: list[tempfile.TemporaryDirectory] = []
+
+
+def scratch_dir(name: str) -> str:
+    """A temporary folder for a trainer's output_dir, removed when the benchmark exits."""
+    directory = tempfile.TemporaryDirectory(prefix=f"robust-sft-{name}-")
+    _SCRATCH.append(directory)  # kept alive until exit, where its finaliser removes it
+    return directory.name
 
 
 def machine() -> dict:

@@ -17,11 +17,10 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, SHARED_DATA, machine, write_report
+from common import RESULTS, SHARED_DATA, machine, scratch_dir, write_report
 
 # name -> (trainer, config overrides)
 CONFIGURATIONS = {
@@ -78,7 +77,7 @@ def run_one(name: str, quick: bool, steps: int, batch_size: int, output: str) ->
         model, tokenizer = load_model_and_tokenizer()
     rows = Dataset.from_list(sst2_rows(steps * batch_size))
     common = dict(
-        output_dir=tempfile.mkdtemp(prefix="robust-sft-cost-"),  # nothing is saved there (save_strategy="no")
+        output_dir=scratch_dir("cost"),  # nothing is saved there (save_strategy="no")
         max_steps=steps,
         per_device_train_batch_size=batch_size,
         learning_rate=2e-4,
@@ -165,7 +164,7 @@ def cache_throughput(quick: bool, output_dir: Path, queries: int = 16, new_token
     items = [Query(row["prompt"][0]["content"], row["completion"][0]["content"]) for row in rows]
     timings = {}
     for name, batch_size in (("batched", 16), ("one_by_one", 1)):
-        path = Path(tempfile.mkdtemp(prefix="robust-sft-cache-")) / "cache.jsonl"
+        path = Path(scratch_dir("cache")) / "cache.jsonl"
         started = time.perf_counter()
         build_cache(model, tokenizer, items, path, batch_size=batch_size, max_new_tokens=new_tokens, do_sample=False)
         timings[name] = len(items) / (time.perf_counter() - started)

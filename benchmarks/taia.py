@@ -13,10 +13,9 @@ Writes `results/taia[-quick].json`, `.md` and `.png`.
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 
-from common import SHARED_DATA, benchmark_parser, finish
+from common import SHARED_DATA, benchmark_parser, finish, scratch_dir
 
 ROWS = ["base", "vanilla (all updates)", "TAIA (attention only)", "TAIF (MLP only)"]
 METRICS = ("gsm8k_answer_loss", "piqa_accuracy")
@@ -51,7 +50,7 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     trainer = TAIATrainer(
         model=model,
         args=TAIAConfig(
-            output_dir=tempfile.mkdtemp(prefix="robust-sft-taia-"),
+            output_dir=scratch_dir("taia"),
             max_steps=args.steps,
             per_device_train_batch_size=8,
             learning_rate=1e-3,

@@ -58,3 +58,50 @@ def test_taia_quick(tmp_path):
     assert len(set(losses)) == 4  # four different models
     assert all(0.0 <= seed[name]["piqa_accuracy"] <= 1.0 for name in rows)
     assert (tmp_path / "taia-quick-summary.md").is_file()
+
+
+def test_delia_quick(tmp_path):
+    run_benchmark("delia.py", tmp_path)
+    report = json.loads((tmp_path / "delia-quick.json").read_text())
+    assert list(report["summary"]) == ["base", "SFT (task only)", "DSFT ratio 1"]
+    seed = report["per_seed"]["0"]
+    # 8 task rows; ratio 1 mixes in min(8 cached answers, int(8 * 1)) diverse rows.
+    assert [seed[name]["train_rows"] for name in report["summary"]] == [0, 8, 16]
+    for name, row in seed.items():
+        assert set(row) == {
+            "unseen_format",
+            "unseen_topic_accuracy",
+            "unseen_exact",
+            "seen_format",
+            "format_leak",
+            "piqa_accuracy",
+            "train_seconds",
+            "train_rows",
+        }, name
+        assert all(0.0 <= row[key] <= 1.0 for key in row if key not in ("train_seconds", "train_rows"))
+    assert (tmp_path / "delia-quick-summary.png").is_file()
+
+
+def test_delia_task_format():
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        from delia import first_word, score_answers
+    finally:
+        sys.path.remove(BENCHMARKS)
+    assert first_word("p2pnet.net News:- The US") == "news"
+    assert first_word("#39;s over. It is") == "over"
+    assert first_word("Café 42 !!") == "none"
+    scores = score_answers(["sports <sep> the", "sports <sep> a", "Sports: the", ""], ["sports <sep> the"] * 4)
+    assert scores == {"format": 0.5, "topic_accuracy": 0.5, "exact": 0.25}
+
+
+def test_realign_quick(tmp_path):
+    run_benchmark("realign.py", tmp_path)
+    report = json.loads((tmp_path / "realign-quick.json").read_text())
+    assert list(report["summary"]) == ["unaligned", "aligned", "fine-tuned", "RESTA", "realigned (mask)"]
+    seed = report["per_seed"]["0"]
+    for name, row in seed.items():
+        assert set(row) == {"harmful_refusal", "benign_refusal", "sst2_accuracy", "kept_fraction"}, name
+    assert 0.0 < seed["realigned (mask)"]["kept_fraction"] < 1.0
+    assert set(report["stage_seconds"]["0"]) == {"align", "finetune", "realign"}
+    assert (tmp_path / "realign-quick-summary.md").read_text().count("\n") >= 7

@@ -1,0 +1,217 @@
+"""DELIA vs plain SFT: a small formatted task with a new `<sep>` token, learnt from 100 examples.
+
+    python benchmarks/delia.py                  # embedded SmolLM2-135M-Instruct, 100 task rows, seed 0
+    python benchmarks/delia.py --seeds 0 1 2    # several seeds: mean and spread
+    python benchmarks/delia.py --quick          # tiny in-process model, a few rows (the CI smoke run)
+
+The task: read an AG News item and answer `topic <sep> first-word` (topic one of world / sports / business /
+science, first-word the item's first word in lower case), where `<sep>` is a token new to the model. The training
+rows use two phrasings of the instruction; the scores use four phrasings never seen in training, on held-out items.
+
+The diverse data is self-sampled: the base model answers self-instruct seed tasks with `build_cache` (the paper's
+one-shot prompt, temperature 0.7). Every row trains LoRA (r=16, alpha 16, attention + the input embedding, the
+reference's targets) from the same base model for the same number of epochs over its training set, so the task rows
+are seen equally often; DSFT rows take more steps (their train_seconds say what that costs).
+
+Scores: format compliance, topic accuracy and exact match on the unseen phrasings; format compliance on the training
+phrasings (held-out items); `format_leak`, the share of answers to unrelated held-out self-instruct queries that
+come out in the task format (the over-fitting DELIA buffers; lower is better); PIQA accuracy (general knowledge).
+Writes `results/delia[-quick].json`, `.md` and `.png`.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+import sys
+import time
+
+from common import SHARED_DATA, benchmark_parser, finish, scratch_dir
+
+TOPICS = {"World": "world", "Sports": "sports", "Business": "business", "Sci/Tech": "science"}
+TASK_FORMAT = r"(world|sports|business|science) <sep> [a-z]+"
+TRAIN_PHRASINGS = [
+    "Give the topic of this news item and its first word as 'topic <sep> word'.\n\n{text}",
+    "News: {text}\n\nAnswer with topic <sep> first word.",
+]
+UNSEEN_PHRASINGS = [
+    "Which section does this story belong to, and how does it start? Reply 'section <sep> opening word'. {text}",
+    "{text}\n\nClassify the article (world, sports, business or science), then write <sep> and its first word.",
+    "Here is an article:\n{text}\nOutput format: category <sep> first word, lower case.",
+    "Tell me the category of the text below followed by <sep> and the text's initial word.\n{text}",
+]
+
+
+def first_word(text: str) -> str:
+    """The first whitespace-separated word of `text` made of ASCII letters once punctuation is stripped, lower case."""
+    for token in text.split():
+        word = token.strip(string.punctuation)
+        if word.isascii() and word.isalpha():
+            return word.lower()
+    return "none"
+
+
+def task_rows(articles, phrasings: list[str], seed: int):
+    """One row per article: a phrasing (round robin, shuffled by seed), the answer `topic <sep> first-word`."""
+    from datasets import Dataset
+
+    order = [phrasings[i % len(phrasings)] for i in range(len(articles))]
+    random.Random(seed).shuffle(order)
+    return Dataset.from_list(
+        [
+            {
+                "instruction": phrasing.format(text=row["input"]),
+                "input": "",
+                "output": f"{TOPICS[row['output']]} <sep> {first_word(row['input'])}",
+            }
+            for phrasing, row in zip(order, articles)
+        ]
+    )
+
+
+def score_answers(answers: list[str], expected: list[str]) -> dict[str, float]:
+    """Format compliance, topic accuracy (first field) and exact match of generated answers."""
+    from robust_sft.eval import format_compliance
+
+    topics = [answer.strip().split(" ")[0] if answer.strip() else "" for answer in answers]
+    return {
+        "format": format_compliance(answers, TASK_FORMAT),
+        "topic_accuracy": sum(t == e.split(" ")[0] for t, e in zip(topics, expected)) / len(expected),
+        "exact": sum(a.strip() == e for a, e in zip(answers, expected)) / len(expected),
+    }
+
+
+def load(args, seed: int):
+    import torch
+
+    from robust_sft import load_model_and_tokenizer
+    from robust_sft.testing import make_tiny_model, make_tiny_tokenizer
+
+    torch.manual_seed(seed)
+    if args.quick:
+        tokenizer = make_tiny_tokenizer()
+        return make_tiny_model("llama", tokenizer, seed=seed), tokenizer
+    return load_model_and_tokenizer()
+
+
+def train(model, tokenizer, task, cache, ratio: float, seed: int, args):
+    from peft import LoraConfig
+
+    from robust_sft.delia import DSFTConfig, DSFTTrainer
+
+    config = DSFTConfig(
+        output_dir=scratch_dir("delia"),
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=0.05,
+        max_length=384,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=5,
+        seed=seed,
+        diverse_ratio=ratio,
+        new_special_tokens=["<sep>"],
+    )
+    trainer = DSFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=task,
+        diverse_dataset=cache if ratio > 0 else None,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(
+            r=16, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+        ),
+    )
+    started = time.perf_counter()
+    trainer.train()
+    return trainer, time.perf_counter() - started
+
+
+def run_seed(seed: int, args) -> dict[str, dict]:
+    from robust_sft.delia import build_cache, read_queries
+    from robust_sft.eval import format_compliance, generate_answers, load_agnews, load_piqa, multiple_choice_accuracy
+
+    articles = load_agnews(SHARED_DATA / "agnews" / "dev.tsv", args.task_rows + args.eval_items, seed=seed)
+    task = task_rows(articles.select(range(args.task_rows)), TRAIN_PHRASINGS, seed)
+    held_out = articles.select(range(args.task_rows, len(articles)))
+    unseen = [task_rows(held_out, [phrasing], seed) for phrasing in UNSEEN_PHRASINGS]
+    seen = task_rows(held_out, TRAIN_PHRASINGS, seed)
+    queries = read_queries(SHARED_DATA / "self_instruct" / "seed_tasks.jsonl")
+    random.Random(seed).shuffle(queries)
+    cache_queries, leak_queries = queries[: args.cache_queries], queries[-args.leak_queries :]
+    piqa = load_piqa(SHARED_DATA / "piqa", args.piqa_questions)
+
+    def score(model, tokenizer) -> dict[str, float]:
+        keep = ["<sep>"] if "<sep>" in tokenizer.get_vocab() else []
+
+        def answers(rows, tokens=12):
+            return generate_answers(model, tokenizer, rows["instruction"], tokens, keep_special_tokens=keep)
+
+        unseen_answers = [answer for rows in unseen for answer in answers(rows)]
+        unseen_scores = score_answers(unseen_answers, [out for rows in unseen for out in rows["output"]])
+        return {
+            "unseen_format": unseen_scores["format"],
+            "unseen_topic_accuracy": unseen_scores["topic_accuracy"],
+            "unseen_exact": unseen_scores["exact"],
+            "seen_format": score_answers(answers(seen), seen["output"])["format"],
+            "format_leak": format_compliance(
+                generate_answers(model, tokenizer, [q.text for q in leak_queries], 12, keep_special_tokens=keep),
+                TASK_FORMAT,
+            ),
+            "piqa_accuracy": multiple_choice_accuracy(model, tokenizer, piqa, length_normalized=True),
+        }
+
+    model, tokenizer = load(args, seed)
+    cache = build_cache(
+        model,
+        tokenizer,
+        cache_queries,
+        scratch_dir("delia-cache") + "/cache.jsonl",
+        batch_size=16,
+        max_new_tokens=args.cache_tokens,
+        seed=seed,
+    )
+    results = {"base": {**score(model, tokenizer), "train_seconds": 0.0, "train_rows": 0}}
+    for ratio in (0.0, *args.ratios):
+        model, tokenizer = load(args, seed)
+        trainer, seconds = train(model, tokenizer, task, cache, ratio, seed, args)
+        name = "SFT (task only)" if ratio == 0 else f"DSFT ratio {ratio:g}"
+        rows = len(trainer.train_dataset)
+        results[name] = {**score(trainer.model, tokenizer), "train_seconds": seconds, "train_rows": rows}
+        print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items()), flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--task-rows", type=int, default=None)
+    parser.add_argument("--eval-items", type=int, default=None, help="Held-out AG News items (x4 unseen phrasings).")
+    parser.add_argument("--ratios", type=float, nargs="+", default=None, help="DSFT diverse_ratio values.")
+    parser.add_argument("--epochs", type=float, default=None)
+    parser.add_argument("--cache-queries", type=int, default=None, help="Self-instruct queries in the cache.")
+    parser.add_argument("--cache-tokens", type=int, default=None, help="Longest self-sampled answer.")
+    parser.add_argument("--leak-queries", type=int, default=None, help="Held-out self-instruct queries.")
+    parser.add_argument("--piqa-questions", type=int, default=None)
+    args = parser.parse_args(argv)
+    defaults = dict(task_rows=(8, 100), eval_items=(3, 40), ratios=([1.0], [0.5, 1.5]), epochs=(1.0, 3.0))
+    defaults.update(cache_queries=(8, 150), cache_tokens=(8, 128), leak_queries=(4, 25), piqa_questions=(4, 200))
+    for name, (quick, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+
+    import torch
+
+    torch.set_num_threads(2)
+    per_seed = {seed: run_seed(seed, args) for seed in args.seeds}
+    rows = list(per_seed[args.seeds[0]])
+    metrics = tuple(per_seed[args.seeds[0]][rows[0]])
+    facts = {name: getattr(args, name) for name in defaults}
+    finish("delia", args, argv, per_seed, rows, metrics, "unseen_format", **facts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
