@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 
-from common import SHARED_DATA, benchmark_parser, finish, scratch_dir
+from common import SHARED_DATA, benchmark_parser, finish, training_args
 
 OPERATORS = [
     "char_substitute",
@@ -33,21 +33,17 @@ def build_trainer(name: str, model, tokenizer, rows, steps: int, seed: int, quic
 
     from robust_sft import NoisyInstructionConfig, NoisyInstructionTrainer, RobustSFTConfig, RobustSFTTrainer
 
-    common = dict(
-        output_dir=scratch_dir("anit"),
+    common = training_args(
+        "anit",
+        seed,
         max_steps=steps,
-        per_device_train_batch_size=8,
         learning_rate=5e-4,
         lr_scheduler_type="cosine",
         warmup_steps=0.04,
         weight_decay=0.01,
         max_grad_norm=0.3,
         max_length=256,
-        gradient_checkpointing=False,
-        report_to=[],
-        save_strategy="no",
         logging_steps=1,
-        seed=seed,
     )
     lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear")
     if name == "SFT":

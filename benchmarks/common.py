@@ -23,6 +23,21 @@ def scratch_dir(name: str) -> str:
     return directory.name
 
 
+def training_args(name: str, seed: int, **settings) -> dict:
+    """The trainer arguments every benchmark shares (batch 8, no checkpointing, nothing saved or reported) plus
+    `settings` (the method's own: steps, learning rate, ...)."""
+    common = dict(
+        output_dir=scratch_dir(name),
+        per_device_train_batch_size=8,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=5,
+        seed=seed,
+    )
+    return common | settings
+
+
 def machine() -> dict:
     """The facts a reader needs to compare a run with their own."""
     import torch
@@ -62,6 +77,18 @@ def benchmark_parser(doc: str):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--output-dir", default=str(RESULTS))
     return parser
+
+
+def parse_arguments(parser, argv, sizes: dict[str, tuple]):
+    """Parse `argv`; every option of `sizes` left unset takes its (quick, full) default. Sets 2 torch threads."""
+    import torch
+
+    args = parser.parse_args(argv)
+    for name, (quick, full) in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    torch.set_num_threads(2)
+    return args
 
 
 def finish(benchmark: str, args, argv, per_seed: dict, rows: list[str], metrics: tuple, plot: str, **facts) -> dict:

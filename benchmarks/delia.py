@@ -4,14 +4,18 @@
     python benchmarks/delia.py --seeds 0 1 2    # several seeds: mean and spread
     python benchmarks/delia.py --quick          # tiny in-process model, a few rows (the CI smoke run)
 
-The task: read an AG News item and answer `topic <sep> first-word` (topic one of world / sports / business /
-science, first-word the item's first word in lower case), where `<sep>` is a token new to the model. The training
-rows use two phrasings of the instruction; the scores use four phrasings never seen in training, on held-out items.
+The task: read an AG News item and answer `topic | first-word` (topic one of world / sports / business / science,
+first-word the item's first word in lower case). Every prompt is `instruction <sep> news item`, where `<sep>` is a
+token new to the model (added with `new_special_tokens`, its input row trained through LoRA on the embedding). The
+training rows use two phrasings of the instruction; the scores use four phrasings never seen in training, on
+held-out items. (`<sep>` is on the input side because LoRA trains a new token's input row only: its output row
+stays at its initial value, so a LoRA run reads a new token but does not learn to write it; see the DELIA docs.)
 
 The diverse data is self-sampled: the base model answers self-instruct seed tasks with `build_cache` (the paper's
-one-shot prompt, temperature 0.7). Every row trains LoRA (r=16, alpha 16, attention + the input embedding, the
-reference's targets) from the same base model for the same number of epochs over its training set, so the task rows
-are seen equally often; DSFT rows take more steps (their train_seconds say what that costs).
+one-shot prompt, temperature 0.7). Every row trains LoRA (r=16, alpha 16 on attention + the input embedding, the
+reference's targets; lr 1e-3 constant after a short warm-up) from the same base model for the same number of epochs
+over its training set, so the task rows are seen equally often; DSFT rows take more steps (their train_seconds say
+what that costs).
 
 Scores: format compliance, topic accuracy and exact match on the unseen phrasings; format compliance on the training
 phrasings (held-out items); `format_leak`, the share of answers to unrelated held-out self-instruct queries that
@@ -26,19 +30,20 @@ import string
 import sys
 import time
 
-from common import SHARED_DATA, benchmark_parser, finish, scratch_dir
+from common import SHARED_DATA, benchmark_parser, finish, parse_arguments, scratch_dir, training_args
 
+SAMPLE_ANSWERS: dict[int, dict[str, list[str]]] = {}  # a few generated answers per seed and row, for the report
 TOPICS = {"World": "world", "Sports": "sports", "Business": "business", "Sci/Tech": "science"}
-TASK_FORMAT = r"(world|sports|business|science) <sep> [a-z]+"
+TASK_FORMAT = r"(world|sports|business|science) \| [a-z]+"
 TRAIN_PHRASINGS = [
-    "Give the topic of this news item and its first word as 'topic <sep> word'.\n\n{text}",
-    "News: {text}\n\nAnswer with topic <sep> first word.",
+    "Give the topic of this news item and its first word as 'topic | word'.",
+    "Answer with the topic | first word of the news.",
 ]
 UNSEEN_PHRASINGS = [
-    "Which section does this story belong to, and how does it start? Reply 'section <sep> opening word'. {text}",
-    "{text}\n\nClassify the article (world, sports, business or science), then write <sep> and its first word.",
-    "Here is an article:\n{text}\nOutput format: category <sep> first word, lower case.",
-    "Tell me the category of the text below followed by <sep> and the text's initial word.\n{text}",
+    "Which section does this story belong to, and how does it start? Reply 'section | opening word'.",
+    "Classify the article (world, sports, business or science), then write | and its first word.",
+    "Output format: category | first word, lower case.",
+    "Tell me the category of the text followed by | and the text's initial word.",
 ]
 
 
@@ -52,7 +57,8 @@ def first_word(text: str) -> str:
 
 
 def task_rows(articles, phrasings: list[str], seed: int):
-    """One row per article: a phrasing (round robin, shuffled by seed), the answer `topic <sep> first-word`."""
+    """One row per article: `phrasing <sep> article` (phrasings round robin, shuffled by seed), the answer
+    `topic | first-word`."""
     from datasets import Dataset
 
     order = [phrasings[i % len(phrasings)] for i in range(len(articles))]
@@ -60,9 +66,9 @@ def task_rows(articles, phrasings: list[str], seed: int):
     return Dataset.from_list(
         [
             {
-                "instruction": phrasing.format(text=row["input"]),
+                "instruction": f"{phrasing} <sep> {row['input']}",
                 "input": "",
-                "output": f"{TOPICS[row['output']]} <sep> {first_word(row['input'])}",
+                "output": f"{TOPICS[row['output']]} | {first_word(row['input'])}",
             }
             for phrasing, row in zip(order, articles)
         ]
@@ -100,18 +106,15 @@ def train(model, tokenizer, task, cache, ratio: float, seed: int, args):
     from robust_sft.delia import DSFTConfig, DSFTTrainer
 
     config = DSFTConfig(
-        output_dir=scratch_dir("delia"),
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=0.05,
-        max_length=384,
-        gradient_checkpointing=False,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=5,
-        seed=seed,
+        **training_args(
+            "delia",
+            seed,
+            num_train_epochs=args.epochs,
+            learning_rate=1e-3,
+            lr_scheduler_type="constant_with_warmup",
+            warmup_steps=0.05,
+            max_length=384,
+        ),
         diverse_ratio=ratio,
         new_special_tokens=["<sep>"],
     )
@@ -144,13 +147,12 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     cache_queries, leak_queries = queries[: args.cache_queries], queries[-args.leak_queries :]
     piqa = load_piqa(SHARED_DATA / "piqa", args.piqa_questions)
 
-    def score(model, tokenizer) -> dict[str, float]:
-        keep = ["<sep>"] if "<sep>" in tokenizer.get_vocab() else []
-
+    def score(model, tokenizer, name: str) -> dict[str, float]:
         def answers(rows, tokens=12):
-            return generate_answers(model, tokenizer, rows["instruction"], tokens, keep_special_tokens=keep)
+            return generate_answers(model, tokenizer, rows["instruction"], tokens)
 
         unseen_answers = [answer for rows in unseen for answer in answers(rows)]
+        SAMPLE_ANSWERS.setdefault(seed, {})[name] = unseen_answers[:: len(held_out)]  # one per unseen phrasing
         unseen_scores = score_answers(unseen_answers, [out for rows in unseen for out in rows["output"]])
         return {
             "unseen_format": unseen_scores["format"],
@@ -158,7 +160,7 @@ def run_seed(seed: int, args) -> dict[str, dict]:
             "unseen_exact": unseen_scores["exact"],
             "seen_format": score_answers(answers(seen), seen["output"])["format"],
             "format_leak": format_compliance(
-                generate_answers(model, tokenizer, [q.text for q in leak_queries], 12, keep_special_tokens=keep),
+                generate_answers(model, tokenizer, [q.text for q in leak_queries], 12),
                 TASK_FORMAT,
             ),
             "piqa_accuracy": multiple_choice_accuracy(model, tokenizer, piqa, length_normalized=True),
@@ -169,18 +171,18 @@ def run_seed(seed: int, args) -> dict[str, dict]:
         model,
         tokenizer,
         cache_queries,
-        scratch_dir("delia-cache") + "/cache.jsonl",
+        f"{args.cache_dir or scratch_dir('delia-cache')}/cache-seed{seed}.jsonl",
         batch_size=16,
         max_new_tokens=args.cache_tokens,
         seed=seed,
     )
-    results = {"base": {**score(model, tokenizer), "train_seconds": 0.0, "train_rows": 0}}
+    results = {"base": {**score(model, tokenizer, "base"), "train_seconds": 0.0, "train_rows": 0}}
     for ratio in (0.0, *args.ratios):
         model, tokenizer = load(args, seed)
         trainer, seconds = train(model, tokenizer, task, cache, ratio, seed, args)
         name = "SFT (task only)" if ratio == 0 else f"DSFT ratio {ratio:g}"
         rows = len(trainer.train_dataset)
-        results[name] = {**score(trainer.model, tokenizer), "train_seconds": seconds, "train_rows": rows}
+        results[name] = {**score(trainer.model, tokenizer, name), "train_seconds": seconds, "train_rows": rows}
         print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items()), flush=True)
     return results
 
@@ -195,20 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-tokens", type=int, default=None, help="Longest self-sampled answer.")
     parser.add_argument("--leak-queries", type=int, default=None, help="Held-out self-instruct queries.")
     parser.add_argument("--piqa-questions", type=int, default=None)
-    args = parser.parse_args(argv)
-    defaults = dict(task_rows=(8, 100), eval_items=(3, 40), ratios=([1.0], [0.5, 1.5]), epochs=(1.0, 3.0))
+    parser.add_argument(
+        "--cache-dir", default=None, help="Keep the self-sampled caches here (a re-run reuses and completes them)."
+    )
+    defaults = dict(task_rows=(8, 100), eval_items=(3, 40), ratios=([1.0], [0.5, 1.0]), epochs=(1.0, 3.0))
     defaults.update(cache_queries=(8, 150), cache_tokens=(8, 128), leak_queries=(4, 25), piqa_questions=(4, 200))
-    for name, (quick, full) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-
-    import torch
-
-    torch.set_num_threads(2)
+    args = parse_arguments(parser, argv, defaults)
     per_seed = {seed: run_seed(seed, args) for seed in args.seeds}
     rows = list(per_seed[args.seeds[0]])
     metrics = tuple(per_seed[args.seeds[0]][rows[0]])
-    facts = {name: getattr(args, name) for name in defaults}
+    facts = {name: getattr(args, name) for name in defaults} | {"sample_answers": SAMPLE_ANSWERS}
     finish("delia", args, argv, per_seed, rows, metrics, "unseen_format", **facts)
     return 0
 

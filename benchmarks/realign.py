@@ -25,7 +25,7 @@ import random
 import sys
 import time
 
-from common import SHARED_DATA, benchmark_parser, finish, scratch_dir
+from common import SHARED_DATA, benchmark_parser, finish, parse_arguments, scratch_dir, training_args
 
 ROWS = ["unaligned", "aligned", "fine-tuned", "RESTA", "realigned (mask)"]
 REFUSALS = [  # written for this benchmark: varied, so refusing is learnt as a behaviour, not one string
@@ -62,18 +62,10 @@ def lora_sft(model, tokenizer, rows, steps: int, seed: int, name: str):
     trainer = RobustSFTTrainer(
         model=model,
         args=RobustSFTConfig(
-            output_dir=scratch_dir(name),
-            max_steps=steps,
-            per_device_train_batch_size=8,
-            learning_rate=1e-3,
-            lr_scheduler_type="cosine",
-            warmup_steps=0.05,
+            **training_args(
+                name, seed, max_steps=steps, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05
+            ),
             max_length=256,
-            gradient_checkpointing=False,
-            report_to=[],
-            save_strategy="no",
-            logging_steps=5,
-            seed=seed,
         ),
         train_dataset=rows,
         processing_class=tokenizer,
@@ -189,16 +181,8 @@ def run_seed(seed: int, args) -> dict[str, dict]:
         model=safe,
         task_vector=task_vector_from_adapters(adapter_dir),
         args=SafetyRealignConfig(
-            output_dir=scratch_dir("realign-dpo"),
-            max_steps=args.realign_steps,
-            per_device_train_batch_size=8,
-            learning_rate=args.mask_lr,
+            **training_args("realign-dpo", seed, max_steps=args.realign_steps, learning_rate=args.mask_lr),
             max_length=256,
-            gradient_checkpointing=False,
-            report_to=[],
-            save_strategy="no",
-            logging_steps=5,
-            seed=seed,
         ),
         train_dataset=preference.shuffle(seed=seed),
         processing_class=tokenizer,
@@ -226,16 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benign-rows", type=int, default=None, help="Self-instruct tasks in the alignment SFT.")
     parser.add_argument("--benign-eval", type=int, default=None, help="Held-out self-instruct tasks (over-refusal).")
     parser.add_argument("--hh-pairs", type=int, default=None, help="hh-rlhf harmless pairs in the DPO data.")
-    args = parser.parse_args(argv)
     defaults = dict(align_steps=(2, 60), finetune_steps=(2, 40), realign_steps=(2, 40), task_rows=(8, 160))
     defaults.update(eval_rows=(4, 100), benign_rows=(8, 120), benign_eval=(4, 40), hh_pairs=(4, 100))
-    for name, (quick, full) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-
-    import torch
-
-    torch.set_num_threads(2)
+    args = parse_arguments(parser, argv, defaults)
     per_seed = {seed: run_seed(seed, args) for seed in args.seeds}
     timings = {seed: per_seed[seed].pop("_timings") for seed in args.seeds}
     metrics = ("harmful_refusal", "benign_refusal", "sst2_accuracy", "kept_fraction")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 
-from common import SHARED_DATA, benchmark_parser, finish, scratch_dir
+from common import SHARED_DATA, benchmark_parser, finish, training_args
 
 ROWS = ["base", "vanilla (all updates)", "TAIA (attention only)", "TAIF (MLP only)"]
 METRICS = ("gsm8k_answer_loss", "piqa_accuracy")
@@ -50,18 +50,10 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     trainer = TAIATrainer(
         model=model,
         args=TAIAConfig(
-            output_dir=scratch_dir("taia"),
-            max_steps=args.steps,
-            per_device_train_batch_size=8,
-            learning_rate=1e-3,
-            lr_scheduler_type="cosine",
-            warmup_steps=0.03,
+            **training_args(
+                "taia", seed, max_steps=args.steps, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.03
+            ),
             max_length=512,
-            gradient_checkpointing=False,
-            report_to=[],
-            save_strategy="no",
-            logging_steps=5,
-            seed=seed,
         ),
         train_dataset=train,
         processing_class=tokenizer,

@@ -217,6 +217,23 @@ class DSFTTrainer(RobustSFTTrainer):
             processing_class=processing_class,
             **kwargs,
         )
+        self._count_trained_rows()
+
+    def _count_trained_rows(self) -> None:
+        """TRL drops rows that truncation left without a completion token: count what really trains, and say so."""
+        if not self.mix_counts or "source" not in (self.train_dataset.column_names or []):
+            return
+        sources = self.train_dataset["source"]
+        trained = {name: sum(source == code for source in sources) for code, name in enumerate(SOURCES)}
+        if trained != self.mix_counts:
+            logger.warning(
+                "DELIA: %s rows mixed, %s train: TRL dropped the rows whose prompt fills max_length=%s (no completion"
+                " token left). Raise max_length to keep them.",
+                self.mix_counts,
+                trained,
+                self.args.max_length,
+            )
+            self.mix_counts = trained
 
     def _prepare_model(self, model: PreTrainedModel, processing_class: Any, args: DSFTConfig, kwargs: dict[str, Any]):
         """Add the new special tokens (before PEFT wraps the model) and make their embedding rows trainable."""
@@ -231,6 +248,12 @@ class DSFTTrainer(RobustSFTTrainer):
         self._base_vocab_size = before if len(tokenizer) > before else min(self.new_token_ids)
         if kwargs.get("peft_config") is not None:
             kwargs["peft_config"] = with_embedding_target(kwargs["peft_config"], model)
+            logger.warning(
+                "DSFT with LoRA: the input rows of %s train (LoRA on the embedding), their output rows stay at the"
+                " mean initialisation, so the model reads the new tokens but does not learn to write them. Train"
+                " without peft_config (full fine-tuning) when the answers must contain them.",
+                args.new_special_tokens,
+            )
         return model
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

@@ -79,6 +79,7 @@ def test_delia_quick(tmp_path):
             "train_rows",
         }, name
         assert all(0.0 <= row[key] <= 1.0 for key in row if key not in ("train_seconds", "train_rows"))
+    assert len(report["sample_answers"]["0"]["DSFT ratio 1"]) == 4  # one per unseen phrasing
     assert (tmp_path / "delia-quick-summary.png").is_file()
 
 
@@ -91,7 +92,7 @@ def test_delia_task_format():
     assert first_word("p2pnet.net News:- The US") == "news"
     assert first_word("#39;s over. It is") == "over"
     assert first_word("Café 42 !!") == "none"
-    scores = score_answers(["sports <sep> the", "sports <sep> a", "Sports: the", ""], ["sports <sep> the"] * 4)
+    scores = score_answers(["sports | the", "sports | a", "Sports: the", ""], ["sports | the"] * 4)
     assert scores == {"format": 0.5, "topic_accuracy": 0.5, "exact": 0.25}
 
 

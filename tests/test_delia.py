@@ -63,6 +63,18 @@ def test_mixed_set_has_exactly_the_expected_rows(tmp_path, tokenizer, ratio, div
     assert ("no upsampling" in caplog.text or "without upsampling" in caplog.text) == (ratio == 5.0)
 
 
+def test_rows_dropped_by_truncation_are_counted_and_reported(tmp_path, tokenizer, caplog):
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "Ok."}]}
+    with caplog.at_level(logging.WARNING, logger="robust_sft.delia"):
+        trainer = make_trainer(
+            tmp_path, tokenizer, diverse=[long_prompt, *DIVERSE[:4]], diverse_ratio=0.5, max_length=64
+        )
+    # 10 task rows + min(5, int(10 * 0.5)) = 5 diverse rows mixed; the long prompt leaves no completion token.
+    assert trainer.mix_counts == {"task": 10, "diverse": 4}
+    assert len(trainer.train_dataset) == 14
+    assert "{'task': 10, 'diverse': 5} rows mixed" in caplog.text and "Raise max_length" in caplog.text
+
+
 def test_mixing_is_deterministic_for_a_seed(tmp_path, tokenizer):
     first = make_trainer(tmp_path / "a", tokenizer, diverse_ratio=1.0).train_dataset["input_ids"]
     again = make_trainer(tmp_path / "b", tokenizer, diverse_ratio=1.0).train_dataset["input_ids"]
@@ -139,25 +151,30 @@ def test_new_token_row_is_the_mean_embedding_and_the_matrix_is_padded(tokenizer)
     assert model.get_input_embeddings().weight.shape[0] == 448
 
 
-def test_new_token_trains_and_survives_save_and_reload(tmp_path):
+def test_new_token_trains_and_survives_save_and_reload(tmp_path, caplog):
     tokenizer = make_tiny_tokenizer()
     base_dir = save_tiny_model(str(tmp_path / "base"))
     from transformers import AutoModelForCausalLM
 
-    trainer = DSFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(base_dir),
-        args=dsft_args(tmp_path / "run", new_special_tokens=["<sep>"], max_steps=3, learning_rate=5e-2),
-        train_dataset=Dataset.from_list(TASK),
-        diverse_dataset=Dataset.from_list(DIVERSE),
-        processing_class=tokenizer,
-        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"),
-    )
+    with caplog.at_level(logging.WARNING, logger="robust_sft.delia"):
+        trainer = DSFTTrainer(
+            model=AutoModelForCausalLM.from_pretrained(base_dir),
+            args=dsft_args(tmp_path / "run", new_special_tokens=["<sep>"], max_steps=3, learning_rate=5e-2),
+            train_dataset=Dataset.from_list(TASK),
+            diverse_dataset=Dataset.from_list(DIVERSE),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"),
+        )
+    assert "reads the new tokens but does not learn to write them" in caplog.text
     (sep,) = trainer.new_token_ids
     embedding = trainer.model.get_input_embeddings()
     start = embedding(torch.tensor([sep])).detach().clone()
+    output_row = trainer.model.get_output_embeddings().weight[sep].detach().clone()
     trainer.train()
     trained = embedding(torch.tensor([sep])).detach().clone()
     assert not torch.equal(start, trained)
+    # The limitation the warning names: LoRA leaves the output row of the new token where it started.
+    assert torch.equal(trainer.model.get_output_embeddings().weight[sep].detach(), output_row)
     seen = {token for ids in trainer.train_dataset["input_ids"] for token in ids}
     unused = torch.tensor([min(set(range(len(tokenizer))) - seen)])  # a token no training row contains
     base_embedding = AutoModelForCausalLM.from_pretrained(base_dir).get_input_embeddings()
@@ -180,8 +197,10 @@ def test_full_finetuning_trains_the_new_row(tmp_path):
     )
     (sep,) = trainer.new_token_ids
     start = trainer.model.get_input_embeddings().weight[sep].detach().clone()
+    output_row = trainer.model.get_output_embeddings().weight[sep].detach().clone()
     trainer.train()
     assert not torch.equal(trainer.model.get_input_embeddings().weight[sep].detach(), start)
+    assert not torch.equal(trainer.model.get_output_embeddings().weight[sep].detach(), output_row)
 
 
 # ---------------------------------------------------------------------------------------------- build_cache
