@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 
-from common import SHARED_DATA, benchmark_parser, finish, training_args
+from common import SHARED_DATA, benchmark_parser, finish, load_benchmark_model, training_args
 
 OPERATORS = [
     "char_substitute",
@@ -59,23 +59,15 @@ def build_trainer(name: str, model, tokenizer, rows, steps: int, seed: int, quic
 
 
 def run_seed(seed: int, args) -> dict[str, dict]:
-    import torch
 
-    from robust_sft import load_model_and_tokenizer
     from robust_sft.eval import SST2_LABELS, load_sst2, perturbation_robustness
-    from robust_sft.testing import make_tiny_model, make_tiny_tokenizer
 
     train_rows = load_sst2(SHARED_DATA / "sst2" / "train.tsv", args.train_rows, seed=seed, min_words=6)
     eval_rows = load_sst2(SHARED_DATA / "sst2" / "dev.tsv", args.eval_rows, seed=1000 + seed)
     operators = OPERATORS[:2] if args.quick else OPERATORS
     results = {}
     for name in CONFIGURATIONS:
-        torch.manual_seed(seed)
-        if args.quick:
-            tokenizer = make_tiny_tokenizer()
-            model = make_tiny_model("llama", tokenizer, seed=seed)
-        else:
-            model, tokenizer = load_model_and_tokenizer()
+        model, tokenizer = load_benchmark_model(args.quick, seed)
         started = time.perf_counter()
         train_seconds = 0.0
         if name != "base (no training)":

@@ -38,6 +38,20 @@ def training_args(name: str, seed: int, **settings) -> dict:
     return common | settings
 
 
+def load_benchmark_model(quick: bool, seed: int):
+    """(model, tokenizer): the tiny in-process llama for --quick, else the embedded SmolLM2-135M-Instruct; seeded."""
+    import torch
+
+    from robust_sft import load_model_and_tokenizer
+    from robust_sft.testing import make_tiny_model, make_tiny_tokenizer
+
+    torch.manual_seed(seed)
+    if quick:
+        tokenizer = make_tiny_tokenizer()
+        return make_tiny_model("llama", tokenizer, seed=seed), tokenizer
+    return load_model_and_tokenizer()
+
+
 def machine() -> dict:
     """The facts a reader needs to compare a run with their own."""
     import torch

@@ -30,7 +30,15 @@ import string
 import sys
 import time
 
-from common import SHARED_DATA, benchmark_parser, finish, parse_arguments, scratch_dir, training_args
+from common import (
+    SHARED_DATA,
+    benchmark_parser,
+    finish,
+    load_benchmark_model,
+    parse_arguments,
+    scratch_dir,
+    training_args,
+)
 
 SAMPLE_ANSWERS: dict[int, dict[str, list[str]]] = {}  # a few generated answers per seed and row, for the report
 TOPICS = {"World": "world", "Sports": "sports", "Business": "business", "Sci/Tech": "science"}
@@ -85,19 +93,6 @@ def score_answers(answers: list[str], expected: list[str]) -> dict[str, float]:
         "topic_accuracy": sum(t == e.split(" ")[0] for t, e in zip(topics, expected)) / len(expected),
         "exact": sum(a.strip() == e for a, e in zip(answers, expected)) / len(expected),
     }
-
-
-def load(args, seed: int):
-    import torch
-
-    from robust_sft import load_model_and_tokenizer
-    from robust_sft.testing import make_tiny_model, make_tiny_tokenizer
-
-    torch.manual_seed(seed)
-    if args.quick:
-        tokenizer = make_tiny_tokenizer()
-        return make_tiny_model("llama", tokenizer, seed=seed), tokenizer
-    return load_model_and_tokenizer()
 
 
 def train(model, tokenizer, task, cache, ratio: float, seed: int, args):
@@ -166,7 +161,7 @@ def run_seed(seed: int, args) -> dict[str, dict]:
             "piqa_accuracy": multiple_choice_accuracy(model, tokenizer, piqa, length_normalized=True),
         }
 
-    model, tokenizer = load(args, seed)
+    model, tokenizer = load_benchmark_model(args.quick, seed)
     cache = build_cache(
         model,
         tokenizer,
@@ -178,7 +173,7 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     )
     results = {"base": {**score(model, tokenizer, "base"), "train_seconds": 0.0, "train_rows": 0}}
     for ratio in (0.0, *args.ratios):
-        model, tokenizer = load(args, seed)
+        model, tokenizer = load_benchmark_model(args.quick, seed)
         trainer, seconds = train(model, tokenizer, task, cache, ratio, seed, args)
         name = "SFT (task only)" if ratio == 0 else f"DSFT ratio {ratio:g}"
         rows = len(trainer.train_dataset)

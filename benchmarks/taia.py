@@ -15,27 +15,19 @@ from __future__ import annotations
 import sys
 import time
 
-from common import SHARED_DATA, benchmark_parser, finish, training_args
+from common import SHARED_DATA, benchmark_parser, finish, load_benchmark_model, training_args
 
 ROWS = ["base", "vanilla (all updates)", "TAIA (attention only)", "TAIF (MLP only)"]
 METRICS = ("gsm8k_answer_loss", "piqa_accuracy")
 
 
 def run_seed(seed: int, args) -> dict[str, dict]:
-    import torch
     from peft import LoraConfig
 
-    from robust_sft import load_model_and_tokenizer
     from robust_sft.eval import answer_loss, load_gsm8k, load_piqa, multiple_choice_accuracy
     from robust_sft.taia import TAIAConfig, TAIATrainer
-    from robust_sft.testing import make_tiny_model, make_tiny_tokenizer
 
-    torch.manual_seed(seed)
-    if args.quick:
-        tokenizer = make_tiny_tokenizer()
-        model = make_tiny_model("llama", tokenizer, seed=seed)
-    else:
-        model, tokenizer = load_model_and_tokenizer()
+    model, tokenizer = load_benchmark_model(args.quick, seed)
     train = load_gsm8k(SHARED_DATA / "gsm8k" / "train.jsonl").shuffle(seed=seed).select(range(args.train_rows))
     held_out = load_gsm8k(SHARED_DATA / "gsm8k" / "test.jsonl", args.eval_rows)
     piqa = load_piqa(SHARED_DATA / "piqa", args.piqa_questions)
