@@ -31,7 +31,7 @@ CONFIGURATIONS = ["base (no training)", "SFT", "NEFTune (alpha 5)", "noise only"
 def build_trainer(name: str, model, tokenizer, rows, steps: int, seed: int, quick: bool):
     from peft import LoraConfig
 
-    from robust_sft import NoisyInstructionConfig, NoisyInstructionTrainer, RobustSFTConfig, RobustSFTTrainer
+    from robust_sft import ANITConfig, ANITTrainer, RobustSFTConfig, RobustSFTTrainer
 
     common = training_args(
         "anit",
@@ -54,13 +54,13 @@ def build_trainer(name: str, model, tokenizer, rows, steps: int, seed: int, quic
         anit = dict(noise_rate=0.5, adversarial_eta=2e-3, distortion_metric="levenshtein" if quick else "embedding")
         if name == "noise only":
             anit["use_adversarial"] = False
-        trainer_class, config = NoisyInstructionTrainer, NoisyInstructionConfig(**common, **anit)
+        trainer_class, config = ANITTrainer, ANITConfig(**common, **anit)
     return trainer_class(model=model, args=config, train_dataset=rows, processing_class=tokenizer, peft_config=lora)
 
 
 def run_seed(seed: int, args) -> dict[str, dict]:
 
-    from robust_sft.eval import SST2_LABELS, load_sst2, perturbation_robustness
+    from robust_sft.evaluation import SST2_LABELS, load_sst2, perturbation_robustness
 
     train_rows = load_sst2(SHARED_DATA / "sst2" / "train.tsv", args.train_rows, seed=seed, min_words=6)
     eval_rows = load_sst2(SHARED_DATA / "sst2" / "dev.tsv", args.eval_rows, seed=1000 + seed)

@@ -110,7 +110,7 @@ def finish(benchmark: str, args, argv, per_seed: dict, rows: list[str], metrics:
     table and plot; return the summary."""
     import sys
 
-    from robust_sft.eval import write_results
+    from robust_sft.evaluation import write_results
 
     summary = {
         name: {metric: mean_and_spread([per_seed[seed][name][metric] for seed in args.seeds]) for metric in metrics}

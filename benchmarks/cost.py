@@ -30,7 +30,7 @@ CONFIGURATIONS = {
     "ANIT (noise + adversarial)": ("anit", {"distortion_metric": "levenshtein"}),
     "ANIT noise only": ("anit", {"use_adversarial": False, "distortion_metric": "levenshtein"}),
     "ANIT adversarial only": ("anit", {"use_noise": False}),
-    "DSFTTrainer (task rows only)": ("delia", {"diverse_ratio": 0.0}),
+    "DELIATrainer (task rows only)": ("delia", {"diverse_ratio": 0.0}),
 }
 
 
@@ -105,13 +105,13 @@ def run_one(name: str, quick: bool, steps: int, batch_size: int, output: str) ->
         trainer_class, config = TAIATrainer, TAIAConfig(**common)
         lora.target_modules = None
     elif kind == "delia":  # ratio 0 keeps the batches identical: what is measured is the source tag and its loss hook
-        from robust_sft.delia import DSFTConfig, DSFTTrainer
+        from robust_sft.delia import DELIAConfig, DELIATrainer
 
-        trainer_class, config = DSFTTrainer, DSFTConfig(**common, **overrides)
+        trainer_class, config = DELIATrainer, DELIAConfig(**common, **overrides)
     else:
-        from robust_sft.anit import NoisyInstructionConfig, NoisyInstructionTrainer
+        from robust_sft.anit import ANITConfig, ANITTrainer
 
-        trainer_class, config = NoisyInstructionTrainer, NoisyInstructionConfig(**common, **overrides)
+        trainer_class, config = ANITTrainer, ANITConfig(**common, **overrides)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
 
     class StepTimer(TrainerCallback):

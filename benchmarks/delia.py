@@ -85,7 +85,7 @@ def task_rows(articles, phrasings: list[str], seed: int):
 
 def score_answers(answers: list[str], expected: list[str]) -> dict[str, float]:
     """Format compliance, topic accuracy (first field) and exact match of generated answers."""
-    from robust_sft.eval import format_compliance
+    from robust_sft.evaluation import format_compliance
 
     topics = [answer.strip().split(" ")[0] if answer.strip() else "" for answer in answers]
     return {
@@ -98,9 +98,9 @@ def score_answers(answers: list[str], expected: list[str]) -> dict[str, float]:
 def train(model, tokenizer, task, cache, ratio: float, seed: int, args):
     from peft import LoraConfig
 
-    from robust_sft.delia import DSFTConfig, DSFTTrainer
+    from robust_sft.delia import DELIAConfig, DELIATrainer
 
-    config = DSFTConfig(
+    config = DELIAConfig(
         **training_args(
             "delia",
             seed,
@@ -113,7 +113,7 @@ def train(model, tokenizer, task, cache, ratio: float, seed: int, args):
         diverse_ratio=ratio,
         new_special_tokens=["<sep>"],
     )
-    trainer = DSFTTrainer(
+    trainer = DELIATrainer(
         model=model,
         args=config,
         train_dataset=task,
@@ -130,7 +130,13 @@ def train(model, tokenizer, task, cache, ratio: float, seed: int, args):
 
 def run_seed(seed: int, args) -> dict[str, dict]:
     from robust_sft.delia import build_cache, read_queries
-    from robust_sft.eval import format_compliance, generate_answers, load_agnews, load_piqa, multiple_choice_accuracy
+    from robust_sft.evaluation import (
+        format_compliance,
+        generate_answers,
+        load_agnews,
+        load_piqa,
+        multiple_choice_accuracy,
+    )
 
     articles = load_agnews(SHARED_DATA / "agnews" / "dev.tsv", args.task_rows + args.eval_items, seed=seed)
     task = task_rows(articles.select(range(args.task_rows)), TRAIN_PHRASINGS, seed)

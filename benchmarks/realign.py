@@ -82,7 +82,7 @@ def run_seed(seed: int, args) -> dict[str, dict]:
 
     from robust_sft import load_model_and_tokenizer
     from robust_sft.delia import read_queries
-    from robust_sft.eval import SST2_LABELS, label_accuracy, load_sst2, refusal_rate
+    from robust_sft.evaluation import SST2_LABELS, label_accuracy, load_sst2, refusal_rate
     from robust_sft.modeling import ensure_embedded_model
     from robust_sft.realign import (
         SafetyRealignConfig,
@@ -91,6 +91,7 @@ def run_seed(seed: int, args) -> dict[str, dict]:
         resta,
         task_vector_from_adapters,
         task_vector_from_models,
+        zero_adapter,
     )
     from robust_sft.testing import save_tiny_model
 
@@ -173,9 +174,7 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     hh = load_hh_rlhf(SHARED_DATA / "hh_harmless" / "test.jsonl.gz", args.hh_pairs)
     preference = concatenate_datasets([Dataset.from_list(pairs), hh.select_columns(["prompt", "chosen", "rejected"])])
     safe = PeftModel.from_pretrained(load(aligned_dir)[0], adapter_dir, is_trainable=False)
-    for name, parameter in safe.named_parameters():
-        if "lora_" in name:
-            parameter.data.zero_()
+    zero_adapter(safe)
     started = time.perf_counter()
     realigner = SafetyRealignTrainer(
         model=safe,

@@ -24,7 +24,7 @@ METRICS = ("gsm8k_answer_loss", "piqa_accuracy")
 def run_seed(seed: int, args) -> dict[str, dict]:
     from peft import LoraConfig
 
-    from robust_sft.eval import answer_loss, load_gsm8k, load_piqa, multiple_choice_accuracy
+    from robust_sft.evaluation import answer_loss, load_gsm8k, load_piqa, multiple_choice_accuracy
     from robust_sft.taia import TAIAConfig, TAIATrainer
 
     model, tokenizer = load_benchmark_model(args.quick, seed)

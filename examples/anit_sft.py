@@ -19,9 +19,9 @@ from datasets import Dataset
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from robust_sft import load_examples, load_model_and_tokenizer
-from robust_sft.anit import NoisyInstructionConfig, NoisyInstructionTrainer
+from robust_sft.anit import ANITConfig, ANITTrainer
 from robust_sft.demo import SENTIMENT_INSTRUCTIONS, make_sentiment_data
-from robust_sft.eval import perturbation_robustness
+from robust_sft.evaluation import perturbation_robustness
 
 
 @dataclass
@@ -59,13 +59,13 @@ def classification_rows(script_args: ScriptArguments, seed: int) -> tuple[Datase
     return rows.select(range(script_args.train_size)), rows.select(range(script_args.train_size, len(rows)))
 
 
-def main(script_args: ScriptArguments, training_args: NoisyInstructionConfig, model_args: ModelConfig) -> None:
+def main(script_args: ScriptArguments, training_args: ANITConfig, model_args: ModelConfig) -> None:
     quantization = "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None
     model, tokenizer = load_model_and_tokenizer(
         model_args.model_name_or_path, quantization=quantization, trust_remote_code=training_args.trust_remote_code
     )
     train_rows, eval_rows = classification_rows(script_args, training_args.seed)
-    trainer = NoisyInstructionTrainer(
+    trainer = ANITTrainer(
         model=model,
         args=training_args,
         train_dataset=train_rows,
@@ -85,5 +85,5 @@ def main(script_args: ScriptArguments, training_args: NoisyInstructionConfig, mo
 
 
 if __name__ == "__main__":
-    parser = TrlParser((ScriptArguments, NoisyInstructionConfig, ModelConfig))
+    parser = TrlParser((ScriptArguments, ANITConfig, ModelConfig))
     main(*parser.parse_args_and_config())

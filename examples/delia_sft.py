@@ -7,7 +7,7 @@
 
 1. build_cache: the model answers the queries (resumable: the cache in output_dir is reused and completed);
    without --queries_path the task's own prompts are the queries.
-2. DSFTTrainer trains on the task rows (condense a sentence into `subject <sep> colour`) mixed with
+2. DELIATrainer trains on the task rows (condense a sentence into `subject <sep> colour`) mixed with
    int(len(task) * diverse_ratio) cached rows; `<sep>` is a new special token with a trainable embedding.
 3. The answers to instructions phrased differently from training are checked against the format.
 """
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from robust_sft import load_examples, load_model_and_tokenizer
-from robust_sft.delia import DSFTConfig, DSFTTrainer, build_cache
+from robust_sft.delia import DELIAConfig, DELIATrainer, build_cache
 from robust_sft.demo import SEP_FORMAT, make_sep_task_data
-from robust_sft.eval import format_compliance, generate_answers
+from robust_sft.evaluation import format_compliance, generate_answers
 
 
 @dataclass
@@ -34,7 +34,7 @@ class ScriptArguments:
     cache_batch_size: int = field(default=16, metadata={"help": "Queries generated together."})
 
 
-def main(script_args: ScriptArguments, training_args: DSFTConfig, model_args: ModelConfig) -> None:
+def main(script_args: ScriptArguments, training_args: DELIAConfig, model_args: ModelConfig) -> None:
     quantization = "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None
     model, tokenizer = load_model_and_tokenizer(
         model_args.model_name_or_path, quantization=quantization, trust_remote_code=training_args.trust_remote_code
@@ -56,7 +56,7 @@ def main(script_args: ScriptArguments, training_args: DSFTConfig, model_args: Mo
         max_new_tokens=script_args.cache_max_new_tokens,
         seed=training_args.seed,
     )
-    trainer = DSFTTrainer(
+    trainer = DELIATrainer(
         model=model,
         args=training_args,
         train_dataset=task,
@@ -80,5 +80,5 @@ def main(script_args: ScriptArguments, training_args: DSFTConfig, model_args: Mo
 
 
 if __name__ == "__main__":
-    parser = TrlParser((ScriptArguments, DSFTConfig, ModelConfig))
+    parser = TrlParser((ScriptArguments, DELIAConfig, ModelConfig))
     main(*parser.parse_args_and_config())

@@ -23,12 +23,13 @@ from trl import TrlParser
 
 from robust_sft import RobustSFTConfig, RobustSFTTrainer, load_model_and_tokenizer
 from robust_sft.demo import make_safety_demo_data, make_sentiment_data
-from robust_sft.eval import label_accuracy, refusal_rate
+from robust_sft.evaluation import label_accuracy, refusal_rate
 from robust_sft.realign import (
     SafetyRealignConfig,
     SafetyRealignTrainer,
     load_preference_pairs,
     task_vector_from_adapters,
+    zero_adapter,
 )
 
 
@@ -108,9 +109,7 @@ def main(script_args: ScriptArguments, training_args: SafetyRealignConfig) -> No
     results["fine-tuned"] = scores(finetuned, tokenizer, prompts, task_rows)
 
     vector = task_vector_from_adapters(adapter)  # the safe model is the base: its adapter is zero
-    for name, parameter in finetuned.named_parameters():
-        if "lora_" in name:
-            parameter.data.zero_()
+    zero_adapter(finetuned)
     pairs = load_preference_pairs(script_args.preferences) if script_args.preferences else make_safety_demo_data()[0]
     if script_args.num_pairs is not None:
         pairs = pairs.select(range(min(script_args.num_pairs, len(pairs))))

@@ -10,8 +10,6 @@ import platform
 import sys
 from collections.abc import Callable, Sequence
 
-import torch
-
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
 
@@ -34,6 +32,8 @@ def _version(package: str) -> str:
 
 def environment_report() -> dict[str, object]:
     """Versions, device and embedded-model cache facts (what `robust-sft env` prints)."""
+    import torch
+
     from .modeling import EMBEDDED_MODEL_NAME, embedded_model_dir, is_embedded_model_converted
     from .version import __version__
 
@@ -124,13 +124,13 @@ def _trainer_classes(method: str):
 
         return TAIAConfig, TAIATrainer, lambda args: {"keep": args.keep, "train_modules": args.train_modules}
     if method == "anit":
-        from .anit import NoisyInstructionConfig, NoisyInstructionTrainer
+        from .anit import ANITConfig, ANITTrainer
 
-        return NoisyInstructionConfig, NoisyInstructionTrainer, _anit_values
+        return ANITConfig, ANITTrainer, _anit_values
     if method == "delia":
-        from .delia import DSFTConfig, DSFTTrainer
+        from .delia import DELIAConfig, DELIATrainer
 
-        return DSFTConfig, DSFTTrainer, _delia_values
+        return DELIAConfig, DELIATrainer, _delia_values
     raise ValueError(f"Unknown method {method!r}.")
 
 
@@ -261,6 +261,8 @@ def _export_taia_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("export-taia", "Merge a LoRA adapter keeping only the attention (or MLP) updates.", _export_taia_arguments)
 def run_export_taia(args: argparse.Namespace) -> int:
+    import torch
+
     from .modeling import ensure_embedded_model
     from .taia import export_taia
 
@@ -283,7 +285,7 @@ def _perturb_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("perturb", "Show each noise operator's version of a text with its semantic distortion.", _perturb_arguments)
 def run_perturb(args: argparse.Namespace) -> int:
-    from .noise import SentenceEncoder, describe_perturbations
+    from .anit.distortion import SentenceEncoder, describe_perturbations
 
     encoder = SentenceEncoder.minilm() if args.embedding else None
     operators = args.operators.split(",") if args.operators else None
@@ -379,6 +381,7 @@ def run_realign(args: argparse.Namespace) -> int:
         load_preference_pairs,
         task_vector_from_adapters,
         task_vector_from_models,
+        zero_adapter,
     )
 
     if bool(args.finetuned) == bool(args.finetuned_adapter):
@@ -390,9 +393,7 @@ def run_realign(args: argparse.Namespace) -> int:
         vector = task_vector_from_adapters(args.finetuned_adapter, args.safe_adapter)
         model = PeftModel.from_pretrained(model, args.safe_adapter or args.finetuned_adapter)
         if not args.safe_adapter:  # the safe model is the base: its adapter is zero
-            for name, parameter in model.named_parameters():
-                if "lora_" in name:
-                    parameter.data.zero_()
+            zero_adapter(model)
     pairs = load_preference_pairs(args.preferences)
     if args.limit is not None:
         pairs = pairs.select(range(min(args.limit, len(pairs))))
@@ -457,7 +458,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _evaluate(task: str, args: argparse.Namespace, model, tokenizer) -> tuple[dict, dict]:
     """({row: {metric: value}}, extra record) for one task."""
-    from . import eval as ev
+    from . import evaluation as ev
 
     name = args.model or "embedded"
     if task == "safety":
@@ -511,7 +512,7 @@ def _evaluate(task: str, args: argparse.Namespace, model, tokenizer) -> tuple[di
     _eval_arguments,
 )
 def run_eval(args: argparse.Namespace) -> int:
-    from .eval import write_results
+    from .evaluation import write_results
     from .modeling import load_model_and_tokenizer
 
     task = "safety" if args.safety else args.task
@@ -554,6 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `robust-sft` console script."""
     args = build_parser().parse_args(argv)
     if args.threads:
+        import torch
+
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return COMMANDS[args.command][2](args)

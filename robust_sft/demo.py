@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from .eval import MultipleChoiceQuestion, answer_loss, generate_answers, multiple_choice_accuracy
+from .evaluation.scoring import MultipleChoiceQuestion, answer_loss, multiple_choice_accuracy
+from .generation import generate_answers
 
 _NAMES = ["Tom", "Mia", "Ravi", "Lena", "Omar", "Sofia", "Ken", "Ada", "Luis", "Nora", "Ivan", "Zoe"]
 _ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "stamps", "shells"]

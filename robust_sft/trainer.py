@@ -19,6 +19,7 @@ from trl import SFTConfig, SFTTrainer
 
 from .data import TOKEN_COLUMNS, RobustDataCollator, load_examples, prepare_dataset
 from .modeling import load_model_and_tokenizer
+from .trl_internals import TRLLossMixin
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +76,11 @@ class RobustSFTConfig(SFTConfig):
         super().__post_init__()
 
 
-class RobustSFTTrainer(SFTTrainer):
+class RobustSFTTrainer(TRLLossMixin, SFTTrainer):
     """[`~trl.SFTTrainer`] on the shared robust_sft data layer (plain SFT: the baseline of every method).
+
+    Overrides of [`~trl.SFTTrainer`]: `__init__` (model loading, collator), `_prepare_dataset`,
+    `_set_signature_columns_if_needed` and `compute_loss` (carried fields kept from the model).
 
     Args:
         model: A model, a hub id, a local folder, or `None` for the embedded SmolLM2-135M-Instruct. Ids and folders
@@ -224,10 +228,3 @@ class RobustSFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         model_inputs, _ = self._split_extras(inputs)
         return super().compute_loss(model, model_inputs, return_outputs, num_items_in_batch)
-
-    def _log_metric(self, name: str, value: torch.Tensor | float) -> None:
-        """Record a scalar for the next log line, averaged over processes (as SFTTrainer does for its metrics)."""
-        mode = "train" if self.model.training else "eval"
-        if not isinstance(value, torch.Tensor):
-            value = torch.tensor(float(value), device=self.accelerator.device)
-        self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.detach().reshape(1)).mean().item())

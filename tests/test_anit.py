@@ -9,7 +9,7 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from robust_sft import RobustSFTTrainer
-from robust_sft.anit import NoisyInstructionConfig, NoisyInstructionTrainer, nrm_scale
+from robust_sft.anit import ANITConfig, ANITTrainer, nrm_scale
 from robust_sft.testing import make_tiny_model
 
 from .conftest import train_args
@@ -26,7 +26,7 @@ ROWS = [
 
 def anit_args(tmp_path, **overrides):
     values = {
-        "config_class": NoisyInstructionConfig,
+        "config_class": ANITConfig,
         "distortion_metric": "levenshtein",
         "per_device_train_batch_size": 4,
         **overrides,
@@ -39,7 +39,7 @@ def lora():
 
 
 def make_trainer(tmp_path, tokenizer, model=None, rows=ROWS, peft=True, **config):
-    return NoisyInstructionTrainer(
+    return ANITTrainer(
         model=model if model is not None else make_tiny_model("llama", tokenizer),
         args=anit_args(tmp_path, **config),
         train_dataset=Dataset.from_list(rows),
@@ -114,7 +114,7 @@ def test_noise_rate_and_seed(tmp_path, tokenizer):
 
 
 def test_evaluation_data_stays_clean(tmp_path, tokenizer):
-    trainer = NoisyInstructionTrainer(
+    trainer = ANITTrainer(
         model=make_tiny_model("llama", tokenizer),
         args=anit_args(tmp_path, noise_rate=1.0, eval_strategy="no"),
         train_dataset=Dataset.from_list(ROWS),
@@ -299,7 +299,7 @@ def test_model_encoder_distortion(tmp_path, tokenizer):
     )
     log = trainer.noise_log
     assert all(0.0 < d <= 1.0 for d in log["distortion"])
-    from robust_sft.noise import levenshtein_distortion
+    from robust_sft.anit import levenshtein_distortion
 
     rule = [levenshtein_distortion(a, b) for a, b in zip(log["instruction"], log["noisy_instruction"])]
     assert log["distortion"] != pytest.approx(rule)  # the model half contributes

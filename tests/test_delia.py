@@ -11,8 +11,8 @@ from peft import LoraConfig
 
 from robust_sft.data import DataFormatError
 from robust_sft.delia import (
-    DSFTConfig,
-    DSFTTrainer,
+    DELIAConfig,
+    DELIATrainer,
     Query,
     add_special_tokens,
     build_cache,
@@ -34,11 +34,11 @@ DIVERSE = [
 
 
 def dsft_args(tmp_path, **overrides):
-    return train_args(tmp_path, **{"config_class": DSFTConfig, "per_device_train_batch_size": 4, **overrides})
+    return train_args(tmp_path, **{"config_class": DELIAConfig, "per_device_train_batch_size": 4, **overrides})
 
 
 def make_trainer(tmp_path, tokenizer, model=None, diverse=DIVERSE, task=TASK, peft=True, **config):
-    return DSFTTrainer(
+    return DELIATrainer(
         model=model if model is not None else make_tiny_model("llama", tokenizer),
         args=dsft_args(tmp_path, **config),
         train_dataset=Dataset.from_list(task),
@@ -83,7 +83,7 @@ def test_mixing_is_deterministic_for_a_seed(tmp_path, tokenizer):
 
 
 def test_evaluation_has_task_rows_only(tmp_path, tokenizer):
-    trainer = DSFTTrainer(
+    trainer = DELIATrainer(
         model=make_tiny_model("llama", tokenizer),
         args=dsft_args(tmp_path, diverse_ratio=3.0),
         train_dataset=Dataset.from_list(TASK),
@@ -157,7 +157,7 @@ def test_new_token_trains_and_survives_save_and_reload(tmp_path, caplog):
     from transformers import AutoModelForCausalLM
 
     with caplog.at_level(logging.WARNING, logger="robust_sft.delia"):
-        trainer = DSFTTrainer(
+        trainer = DELIATrainer(
             model=AutoModelForCausalLM.from_pretrained(base_dir),
             args=dsft_args(tmp_path / "run", new_special_tokens=["<sep>"], max_steps=3, learning_rate=5e-2),
             train_dataset=Dataset.from_list(TASK),
@@ -250,7 +250,7 @@ def test_batched_cache_equals_one_by_one_greedy_generation(tmp_path, tokenizer):
     assert [row["messages"][0]["content"] for row in rows_batched] == [q.text for q in QUERIES]
     assert all(row["messages"][1]["role"] == "assistant" for row in rows_batched)
     assert any(row["messages"][1]["content"] for row in rows_batched)
-    # what DSFTTrainer reads back
+    # what DELIATrainer reads back
     assert load_diverse_dataset(batched).column_names == ["messages"]
 
 

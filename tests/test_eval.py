@@ -9,7 +9,7 @@ from datasets import Dataset
 from torch import nn
 
 from robust_sft.data import prepare_dataset
-from robust_sft.eval import (
+from robust_sft.evaluation import (
     MultipleChoiceQuestion,
     answer_loss,
     label_accuracy,
@@ -96,7 +96,7 @@ def test_answer_loss_matches_the_models_own_loss_row_by_row(tiny_model, tokenize
 
 
 def test_perturbed_instruction_replaces_only_the_instruction(tokenizer):
-    from robust_sft.eval import _classification_questions
+    from robust_sft.evaluation.scoring import _classification_questions
 
     rows = Dataset.from_list(
         [{"instruction": "Say yes or no.", "input": f"text {i}", "output": "no"} for i in range(3)]
@@ -107,7 +107,7 @@ def test_perturbed_instruction_replaces_only_the_instruction(tokenizer):
 
 
 def test_distortion_buckets():
-    from robust_sft.eval import distortion_bucket
+    from robust_sft.evaluation import distortion_bucket
 
     assert distortion_bucket(0.0) == "[0, 0.1)"
     assert distortion_bucket(0.1) == "[0.1, 0.3)"
@@ -117,7 +117,7 @@ def test_distortion_buckets():
 
 
 def test_gsm8k_final_number_and_exact_match():
-    from robust_sft.eval import exact_match, final_number
+    from robust_sft.evaluation import exact_match, final_number
 
     assert final_number("3 + 4 = 7.\n#### 7") == "7"
     assert final_number("so the answer is #### 1,000.00 dollars") == "1000"
@@ -132,7 +132,7 @@ def test_gsm8k_final_number_and_exact_match():
 
 
 def test_shared_task_loaders():
-    from robust_sft.eval import AGNEWS_LABELS, SST2_LABELS, load_agnews, load_gsm8k, load_piqa, load_sst2
+    from robust_sft.evaluation import AGNEWS_LABELS, SST2_LABELS, load_agnews, load_gsm8k, load_piqa, load_sst2
 
     from .conftest import SHARED_DATA
 
@@ -154,7 +154,7 @@ def test_shared_task_loaders():
 
 
 def test_effective_rank_on_known_matrices():
-    from robust_sft.eval import effective_rank
+    from robust_sft.evaluation import effective_rank
 
     assert effective_rank(torch.eye(5)) == pytest.approx(5.0)
     assert effective_rank(torch.ones(6, 4)) == pytest.approx(1.0)
@@ -163,7 +163,7 @@ def test_effective_rank_on_known_matrices():
 
 
 def test_representation_rank_has_one_value_per_layer(tiny_model, tokenizer):
-    from robust_sft.eval import representation_rank
+    from robust_sft.evaluation import representation_rank
 
     texts = ["a b c d", "hello there", "x"]
     ranks = representation_rank(tiny_model, tokenizer, texts, batch_size=2)
@@ -175,7 +175,7 @@ def test_representation_rank_has_one_value_per_layer(tiny_model, tokenizer):
 def test_write_results(tmp_path):
     import json
 
-    from robust_sft.eval import write_results
+    from robust_sft.evaluation import write_results
 
     results = {"clean": {"accuracy": 0.9, "pdr": 0.0}, "cut": {"accuracy": 0.6, "pdr": 1 / 3, "count": 4}}
     paths = write_results(results, tmp_path, "robustness", metric="pdr")

@@ -1,4 +1,4 @@
-"""The perturbation operators and the distortion scores of robust_sft.noise."""
+"""The perturbation operators and the distortion scores of robust_sft.anit.noise."""
 
 import random
 from collections import Counter
@@ -7,7 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from robust_sft.noise import (
+from robust_sft.anit.distortion import EmbeddingDistortion, SentenceEncoder, levenshtein_distortion, minilm_dir
+from robust_sft.anit.noise import (
     ANTONYMS,
     DISTRACTING_CONTEXTS,
     IRRELEVANT_SENTENCE,
@@ -15,13 +16,9 @@ from robust_sft.noise import (
     LEVELS,
     NEGATION_PREFIX,
     OPERATORS,
-    EmbeddingDistortion,
     NoiseContext,
-    SentenceEncoder,
     count_for,
     get_operator,
-    levenshtein_distortion,
-    minilm_dir,
     operators_for,
     perturb,
 )

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from robust_sft.data import DataFormatError
-from robust_sft.eval import REFUSAL_KEYWORDS, is_refusal, refusal_rate, refusal_rate_of
+from robust_sft.evaluation import REFUSAL_KEYWORDS, is_refusal, refusal_rate, refusal_rate_of
 from robust_sft.realign import (
     ConcreteMask,
     SafetyRealignConfig,
