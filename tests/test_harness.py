@@ -1,0 +1,77 @@
+"""Our multiple-choice scores against lm-evaluation-harness 0.4.13's own implementation on the same PIQA rows."""
+
+import math
+
+import pytest
+
+from robust_sft.evaluation.harness import (
+    encode_pair,
+    loglikelihoods,
+    mean_and_stderr,
+    multiple_choice_metrics,
+    multiple_choice_scores,
+    run_harness,
+)
+from robust_sft.evaluation.tasks import load_piqa
+from robust_sft.testing import make_tiny_model, make_tiny_tokenizer
+
+lm_eval = pytest.importorskip("lm_eval")
+
+SHARED_PIQA = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "piqa"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = make_tiny_tokenizer()
+    return make_tiny_model("llama", tokenizer, seed=3).eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def piqa_rows():
+    if not SHARED_PIQA.is_dir():
+        pytest.skip("../shared/data/piqa is not beside the checkout")
+    # Short rows keep the tiny model's context small; the same rows go to both implementations.
+    return [q for q in load_piqa(SHARED_PIQA) if len(q.question) + max(map(len, q.options)) < 160][:24]
+
+
+def test_trailing_spaces_move_to_the_continuation_as_lm_eval_does(tiny):
+    _, tokenizer = tiny
+    assert encode_pair(tokenizer, "Answer: ", "yes") == encode_pair(tokenizer, "Answer:", " yes")
+    context, continuation = encode_pair(tokenizer, "Question: a\nAnswer:", " b")
+    assert context + continuation == tokenizer.encode("Question: a\nAnswer: b")
+
+
+def test_scores_equal_lm_eval_on_the_same_piqa_rows(tiny, piqa_rows):
+    model, tokenizer = tiny
+    ours = multiple_choice_scores(model, tokenizer, piqa_rows, batch_size=7)
+    theirs = run_harness(model, "piqa", piqa_rows, tokenizer=tokenizer, batch_size=5, log_samples=True)
+    samples = sorted(theirs["samples"], key=lambda sample: sample["doc_id"])
+    assert len(samples) == len(ours) == len(piqa_rows)
+    for mine, sample in zip(ours, samples):
+        reference = [float(response[0][0]) for response in sample["resps"]]
+        assert mine.loglikelihoods == pytest.approx(reference, abs=1e-4)
+        assert (mine.acc, mine.acc_norm) == (sample["acc"], sample["acc_norm"])
+    metrics = multiple_choice_metrics(ours)
+    for key in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr"):
+        assert metrics[key] == pytest.approx(theirs[key], abs=1e-9), key
+
+
+def test_loglikelihood_is_the_sum_of_the_continuation_token_log_probs(tiny):
+    import torch
+
+    model, tokenizer = tiny
+    context, continuation = "Question: why\nAnswer:", " because it is"
+    (score,) = loglikelihoods(model, tokenizer, [(context, continuation)])
+    context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
+    ids = torch.tensor([context_ids + continuation_ids])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(ids).logits.float(), -1)[0]
+    expected = sum(log_probs[len(context_ids) + i - 1, token].item() for i, token in enumerate(continuation_ids))
+    assert score == pytest.approx(expected, abs=1e-5)
+
+
+def test_stderr_is_the_sample_standard_deviation_over_sqrt_n():
+    mean, stderr = mean_and_stderr([1.0, 0.0, 1.0, 1.0])
+    assert mean == 0.75
+    assert stderr == pytest.approx(math.sqrt(0.25) / 2)
+    assert mean_and_stderr([]) == (0.0, 0.0)
