@@ -260,12 +260,10 @@ def char_swap(text: str, rate: float, rng: random.Random, context: NoiseContext)
         for position in range(len(chars) - 1)
         if chars[position] != chars[position + 1] and not (chars[position].isspace() or chars[position + 1].isspace())
     ]
-    chosen = rng.sample(pairs, count_for(len(pairs), rate))
-    for position in chosen:
+    # Chosen swaps at consecutive positions p..q compose to a cycle over p..q+1, which changes the text because the
+    # characters at p and p+1 differ: overlapping swaps never undo each other.
+    for position in rng.sample(pairs, count_for(len(pairs), rate)):
         chars[position], chars[position + 1] = chars[position + 1], chars[position]
-    if chosen and "".join(chars) == text:  # overlapping swaps of repeated letters can undo each other
-        chars = list(text)
-        chars[chosen[0]], chars[chosen[0] + 1] = chars[chosen[0] + 1], chars[chosen[0]]
     return "".join(chars)
 
 

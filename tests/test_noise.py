@@ -158,6 +158,11 @@ def test_character_operators_change_exactly_the_counted_characters():
     assert all(new in KEYBOARD_NEIGHBOURS[old] for old, new in zip("hello", typo))
     assert perturb("HELLO", "keyboard_typo", 1.0, seed=0).isupper()
     assert perturb("123 !?", "keyboard_typo", 1.0, seed=0) == "123 !?"  # nothing typeable on letters
+    # Rare draws the fuzz test may miss: a substitute equal to the letter, swaps of alike or overlapping neighbours.
+    assert all(perturb("a", "char_substitute", 1.0, seed=seed) != "a" for seed in range(200))
+    assert all(perturb("aab", "char_swap", 1.0, seed=seed) == "aba" for seed in range(50))
+    assert all(perturb("aba", "char_swap", 1.0, seed=seed) != "aba" for seed in range(50))
+    assert all(perturb("x x x y", "word_shuffle", 0.1, seed=seed) != "x x x y" for seed in range(200))
 
 
 def test_word_operators_keep_words_and_spacing():
