@@ -1,26 +1,31 @@
 """The perturbation operators and the distortion scores of robust_sft.anit.noise."""
 
 import random
+import string
 from collections import Counter
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from robust_sft.anit.distortion import EmbeddingDistortion, SentenceEncoder, levenshtein_distortion, minilm_dir
 from robust_sft.anit.noise import (
     ANTONYMS,
+    DEFAULT_INSTRUCTIONS,
     DISTRACTING_CONTEXTS,
     IRRELEVANT_SENTENCE,
     KEYBOARD_NEIGHBOURS,
     LEVELS,
     NEGATION_PREFIX,
     OPERATORS,
+    STOP_WORDS,
     NoiseContext,
+    apply_noise,
     count_for,
     get_operator,
     operators_for,
     perturb,
+    word_units,
 )
 
 TEXT = "Classify the sentiment of this review as positive or negative.\nReview:  a great film!"
@@ -63,15 +68,61 @@ def test_seeds_differ_for_random_operators(name):
     assert len({perturb(TEXT, name, 0.5, seed=seed) for seed in range(6)}) > 1
 
 
+def has_unit(name: str, text: str) -> bool:
+    """Whether `text` has a unit the operator `name` can change (see each operator's docstring)."""
+    chars = [char for char in text if not char.isspace()]
+    words = word_units(text)
+    two_chars = len(chars) >= 2  # deleting, replacing or truncating keeps one unit (a word, else a character)
+    return {
+        "char_insert": bool(chars),
+        "char_substitute": bool(chars),
+        "char_delete": two_chars,
+        "char_swap": any(a != b and not (a.isspace() or b.isspace()) for a, b in zip(text, text[1:])),
+        "keyboard_typo": any(char.lower() in KEYBOARD_NEIGHBOURS for char in text),
+        "word_delete": two_chars,
+        "word_replace": two_chars,
+        "word_shuffle": len(set(words)) >= 2 or len(set(chars)) >= 2,
+        "word_repeat": bool(chars),
+        "stopword_drop": len(words) >= 2
+        and any(word.strip(string.punctuation).lower() in STOP_WORDS for word in words),
+        "cut": two_chars,
+        "cut_mix": two_chars,
+        "random_pad": bool(chars),
+        "opposite": bool(chars),
+    }.get(name, True)  # sentence operators add text to any text, even ""
+
+
+# Arbitrary unicode, plus texts dense in scripts without spaces, whitespace, stop words and antonyms.
+TEXTS = st.one_of(
+    st.text(max_size=40),
+    st.text(st.sampled_from([*"请把这句话翻译。ไทยカナaaB.!", " ", "\n", "\t", "\u3000"]), max_size=30),
+    st.lists(
+        st.sampled_from(["the", "positive", "True,", "请", "翻译", "Summarize", " ", "\n", "  ", "of"]), max_size=8
+    ).map("".join),
+)
+
+
 @pytest.mark.parametrize("name", ALL)
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=st.text(max_size=80), rate=st.floats(0.0, 1.0), seed=st.integers(0, 2**32))
-def test_any_unicode_text_never_crashes_and_distortion_is_bounded(name, text, rate, seed):
-    noisy = perturb(text, name, rate, seed=seed)
+@settings(max_examples=150, deadline=None)
+@given(
+    text=TEXTS,
+    rate=st.one_of(st.just(0.0), st.floats(0.0, 1.0, exclude_min=True)),
+    seed=st.integers(0, 2**32),
+    own_context=st.booleans(),
+)
+def test_every_operator_changes_any_text_with_a_unit_and_logs_honestly(name, text, rate, seed, own_context):
+    # A context made of the text alone is the SST-2 case: every instruction of the dataset is the same.
+    context = NoiseContext.from_texts([text, text]) if own_context else None
+    noisy, logged = apply_noise(text, name, rate, seed, context)
     assert isinstance(noisy, str)
-    assert 0.0 <= levenshtein_distortion(text, noisy) <= 1.0
-    if rate == 0.0:
-        assert noisy == text
+    assert (noisy, logged) == apply_noise(text, name, rate, random.Random(seed), context)  # same seed, same noise
+    assert noisy == perturb(text, name, rate, seed, context)
+    changed = noisy != text
+    assert changed == (rate > 0 and has_unit(name, text))
+    assert logged == (name if changed else "")
+    assert noisy or not text  # never "" for a non-empty text
+    distortion = levenshtein_distortion(text, noisy)
+    assert (distortion > 0.0) == changed and distortion <= 1.0
 
 
 def test_rates_outside_the_unit_interval_and_unknown_names_are_refused():
@@ -104,6 +155,11 @@ def test_character_operators_change_exactly_the_counted_characters():
     assert all(new in KEYBOARD_NEIGHBOURS[old] for old, new in zip("hello", typo))
     assert perturb("HELLO", "keyboard_typo", 1.0, seed=0).isupper()
     assert perturb("123 !?", "keyboard_typo", 1.0, seed=0) == "123 !?"  # nothing typeable on letters
+    # Rare draws the fuzz test may miss: a substitute equal to the letter, swaps of alike or overlapping neighbours.
+    assert all(perturb("a", "char_substitute", 1.0, seed=seed) != "a" for seed in range(200))
+    assert all(perturb("aab", "char_swap", 1.0, seed=seed) == "aba" for seed in range(50))
+    assert all(perturb("aba", "char_swap", 1.0, seed=seed) != "aba" for seed in range(50))
+    assert all(perturb("x x x y", "word_shuffle", 0.1, seed=seed) != "x x x y" for seed in range(200))
 
 
 def test_word_operators_keep_words_and_spacing():
@@ -194,3 +250,69 @@ def test_rng_object_is_consumed_deterministically():
     first, second = random.Random(3), random.Random(3)
     op = get_operator("word_replace")
     assert [op(TEXT, 0.5, first) for _ in range(3)] == [op(TEXT, 0.5, second) for _ in range(3)]
+
+
+# ---------------------------------------------------------------------------------------------- issue #14 fixes
+ZH = "请把这句话翻译成英文。"
+
+
+def test_word_units_split_scripts_without_spaces():
+    assert word_units("hello 世界!\nnext  line") == ["hello", "世", "界", "!", "next", "line"]
+    assert word_units(ZH) == [*"请把这句话翻译成英文。"]
+    assert word_units("สวัสดี") == [*"สวัสดี"]  # Thai: per code point
+    assert word_units(" \n ") == []
+
+
+def test_word_operators_work_on_characters_of_a_cjk_text():
+    assert perturb(ZH, "cut", 0.4) == "请把这句话翻译"  # 11 units, 4 dropped (was "": the text was one word)
+    assert perturb(ZH, "word_delete", 1.0, seed=0) in ZH  # one unit left, never ""
+    assert len(perturb(ZH, "word_delete", 1.0, seed=0)) == 1
+    replaced = perturb(ZH, "word_replace", 0.3, seed=0, context=NoiseContext(vocabulary=("猫",)))
+    assert len(replaced) == len(ZH) and sum(a != b for a, b in zip(ZH, replaced)) == 3 and replaced.count("猫") == 3
+    assert perturb("好", "word_repeat", 1.0) == "好好" and perturb("no", "word_repeat", 1.0) == "no no"
+    assert NoiseContext.from_texts([ZH, "Sort the list"]).vocabulary[:3] == ("Sort", "list", "the")
+    assert set(NoiseContext.from_texts([ZH]).vocabulary) == set(ZH) - {"。"}  # letters only, each a word
+
+
+def test_one_word_texts_are_edited_by_character_and_never_emptied():
+    assert perturb("Summarize", "cut", 0.5) == "Summa"  # was ""
+    assert perturb("Summarize\n", "cut", 1.0) == "S\n"  # trailing newline kept
+    assert perturb("Summarize", "word_delete", 1.0, seed=0) in "Summarize"
+    replaced = perturb("Summarize", "word_replace", 0.3, seed=0, context=NoiseContext(vocabulary=("xyz",)))
+    assert len(replaced) == 9 and set(replaced) - set("Summarize") <= set("xyz") and replaced != "Summarize"
+    for name in ("cut", "cut_mix", "word_delete", "word_replace", "char_delete", "stopword_drop"):
+        assert apply_noise("好", name, 1.0) == ("好", "")  # nothing to change and keep: unchanged, logged as clean
+    assert apply_noise("the", "stopword_drop", 1.0) == ("the", "")
+    assert apply_noise("a b\nc", "char_delete", 1.0, seed=0)[0].count("\n") == 1  # whitespace is not a unit
+
+
+def test_cut_mix_takes_a_different_instruction_and_keeps_whitespace():
+    text = "Classify the review.\nReview:  a great film"
+    donor = NoiseContext(instructions=(text, "Name three red fruits."))
+    assert perturb(text, "cut_mix", 0.2, seed=0, context=donor) == "Classify the review.\nReview:  a great fruits."
+    assert (
+        perturb(text + "\n", "cut_mix", 0.3, seed=0, context=donor) == "Classify the review.\nReview:  a red fruits.\n"
+    )
+    # Every instruction is this one (SST-2): the donor is a built-in instruction, and the row is noisy.
+    noisy, logged = apply_noise(text, "cut_mix", 0.3, 0, NoiseContext.from_texts([text] * 3))
+    head = "Classify the review.\nReview:  a "
+    assert logged == "cut_mix" and noisy.startswith(head)
+    assert any(instruction.endswith(" " + noisy[len(head) :]) for instruction in DEFAULT_INSTRUCTIONS)
+    # Templated instructions whose ends all match ours: a differing span of another instruction.
+    templated = NoiseContext(instructions=("Sort A. Answer:", "Name B. Answer:"))
+    assert perturb("Sort A. Answer:", "cut_mix", 0.3, seed=0, context=templated) in (
+        "Sort A. Name",
+        "Sort A. B.",
+    )
+
+
+def test_apply_noise_logs_the_operator_only_when_the_text_changed():
+    assert apply_noise("Sort the list.", "cut", 0.5, seed=0) == ("Sort", "cut")
+    assert apply_noise("Sort the list.", "cut", 0.0) == ("Sort the list.", "")
+    assert apply_noise("Quick brown fox", "stopword_drop", 1.0) == ("Quick brown fox", "")
+    assert apply_noise("Do it.", get_operator("opposite"), 1.0) == (NEGATION_PREFIX + "Do it.", "opposite")
+    # A generator works as the seed (the trainer's per-row one, which drew the operator first): it is drawn from.
+    row_rng, same_rng = random.Random("0:3"), random.Random("0:3")
+    expected = get_operator("word_replace")(TEXT, 0.5, same_rng)
+    assert apply_noise(TEXT, "word_replace", 0.5, row_rng) == (expected, "word_replace")
+    assert row_rng.random() == same_rng.random()
