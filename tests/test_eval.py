@@ -73,10 +73,15 @@ def test_label_accuracy_counts_the_labels_the_model_prefers(tokenizer):
         favour_no, tokenizer, rows, ["yes", "no"], ["cut", "word_shuffle"], rate=0.5, instruction_variants=["Mood?"]
     )
     assert list(results)[:4] == ["clean", "cut", "word_shuffle", "paraphrase:0"]
-    for name in ("clean", "cut", "word_shuffle", "paraphrase:0"):  # a context-free model: nothing changes
+    for name in ("clean", "paraphrase:0"):  # a context-free model: nothing changes
         assert results[name] == {"accuracy": 5 / 8, "pdr": 0.0}
+    for name in ("cut", "word_shuffle"):  # every one-word instruction really changed (by characters)
+        assert results[name] == {"accuracy": 5 / 8, "pdr": 0.0, "changed": 1.0}
     buckets = {name: entry for name, entry in results.items() if name.startswith("distortion:")}
     assert sum(entry["count"] for entry in buckets.values()) == 16  # 8 rows x 2 operators, each in one bucket
+    unchanged = perturbation_robustness(favour_no, tokenizer, rows, ["yes", "no"], ["cut"], rate=0.0)
+    assert unchanged["cut"]["changed"] == 0.0  # rate 0: no row changed, so no row is pooled as perturbed
+    assert not any(name.startswith("distortion:") for name in unchanged)
     with pytest.raises(ValueError, match="Row 0: the answer 'maybe' is not one of the labels"):
         label_accuracy(favour_no, tokenizer, Dataset.from_list([{**rows[0], "output": "maybe"}]), ["yes", "no"])
 

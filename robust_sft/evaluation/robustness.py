@@ -43,13 +43,14 @@ def perturbation_robustness(
 ) -> dict[str, dict[str, float]]:
     """Label accuracy with clean instructions, with each operator's perturbation and with each paraphrase.
 
-    Returns `{name: {"accuracy", "pdr"}}` for `clean`, every operator and every `paraphrase:<i>` (the instruction
-    replaced by `instruction_variants[i]`), plus `distortion:<bucket>` rows pooling the perturbed rows of every
-    operator by their Levenshtein distortion (`{"accuracy", "pdr", "count"}`). Each row's noise is seeded by (seed,
+    Returns `{name: {"accuracy", "pdr"}}` for `clean`, every operator (with `changed`, the share of rows the operator
+    really changed) and every `paraphrase:<i>` (the instruction replaced by `instruction_variants[i]`), plus
+    `distortion:<bucket>` rows pooling the changed rows of every operator by their Levenshtein distortion
+    (`{"accuracy", "pdr", "count"}`). Each row's noise is seeded by (seed,
     operator, row), so every model compared sees the same perturbed instructions.
     """
     from ..anit.distortion import levenshtein_distortion
-    from ..anit.noise import NoiseContext, get_operator
+    from ..anit.noise import NoiseContext, apply_noise, get_operator
 
     data_format = detect_format(rows.column_names)
     instructions = [to_example(row, data_format, i).instruction for i, row in enumerate(rows)]
@@ -59,14 +60,23 @@ def perturbation_robustness(
     pooled: dict[str, list[bool]] = {}
     for name in operators:
         operator = get_operator(name)
-        noisy = [
-            operator(text, rate, random.Random(f"{seed}:{name}:{i}"), context) for i, text in enumerate(instructions)
+        drawn = [
+            apply_noise(text, operator, rate, random.Random(f"{seed}:{name}:{i}"), context)
+            for i, text in enumerate(instructions)
         ]
+        noisy = [text for text, _ in drawn]
         correct = label_correctness(model, tokenizer, rows, labels, lambda text, i, n=noisy: n[i], batch_size, name)
         accuracy = sum(correct) / max(len(correct), 1)
-        results[name] = {"accuracy": accuracy, "pdr": performance_drop_rate(clean, accuracy)}
-        for raw, changed, right in zip(instructions, noisy, correct):
-            pooled.setdefault(distortion_bucket(levenshtein_distortion(raw, changed), buckets), []).append(right)
+        changed = sum(bool(used) for _, used in drawn)
+        results[name] = {
+            "accuracy": accuracy,
+            "pdr": performance_drop_rate(clean, accuracy),
+            "changed": changed / max(len(drawn), 1),
+        }
+        # Only rows the operator really changed go into the distortion buckets (an unchanged row is a clean row).
+        for raw, (text, used), right in zip(instructions, drawn, correct):
+            if used:
+                pooled.setdefault(distortion_bucket(levenshtein_distortion(raw, text), buckets), []).append(right)
     for number, variant in enumerate(instruction_variants):
         accuracy = label_accuracy(
             model, tokenizer, rows, labels, lambda text, index, v=variant: v, batch_size, f"paraphrase {number}"
