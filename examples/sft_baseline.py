@@ -2,7 +2,7 @@
 
     python examples/sft_baseline.py --output_dir out/baseline --max_steps 30 --gradient_checkpointing false \
         --dataset_path examples/data/word_problems.jsonl
-    python examples/sft_baseline.py --config examples/recipes/baseline.yaml
+    python examples/sft_baseline.py --config examples/recipes/sft.yaml
 
 Without --dataset_path, generated word problems (robust_sft.demo) are used; without --model_name_or_path, the
 embedded SmolLM2-135M-Instruct.
