@@ -112,3 +112,22 @@ def test_every_cli_method_has_a_recipe():
     assert sorted(f"{name}.yaml" for name in CLI_METHODS) == sorted(
         name for name in os.listdir(RECIPES) if name.endswith(".yaml")
     )
+
+
+def test_lora_default_is_all_linear_unless_the_config_says_otherwise(tmp_path):
+    from trl import ModelConfig
+
+    from robust_sft.cli.train import peft_config
+
+    chosen = {}
+    for method in CLI_METHODS:
+        config = METHODS[method].config_class()(output_dir=str(tmp_path), report_to=[])
+        chosen[method] = peft_config(ModelConfig(use_peft=True), config).target_modules
+    assert set(chosen.values()) == {"all-linear"}
+    toa = METHODS["taia"].config_class()(output_dir=str(tmp_path), train_modules="attention")
+    assert peft_config(ModelConfig(use_peft=True), toa).target_modules is None  # TAIATrainer picks the attention
+    assert peft_config(ModelConfig(use_peft=True, lora_target_modules=["q_proj", "v_proj"]), toa).target_modules == {
+        "q_proj",
+        "v_proj",
+    }
+    assert peft_config(ModelConfig(use_peft=False), toa) is None
