@@ -100,14 +100,14 @@ def _evaluate(task: str, args: argparse.Namespace, model, tokenizer) -> tuple[di
     _eval_arguments,
 )
 def run_eval(args: argparse.Namespace) -> int:
-    from ..evaluation import write_results
-    from ..modeling import load_model_and_tokenizer
-
     task = "safety" if args.safety else args.task
     if task is None:
         raise UsageError(f"Choose what to evaluate: --task {{{','.join(EVAL_TASKS)}}} (or --safety).")
     if not args.data:
         raise UsageError(f"--task {task} needs --data (the task's file or folder, e.g. ../shared/data/...).")
+    from ..evaluation import write_results
+    from ..modeling import load_model_and_tokenizer
+
     model, tokenizer = load_model_and_tokenizer(args.model)
     if args.adapter:
         from peft import PeftModel

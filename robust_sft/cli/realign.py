@@ -30,6 +30,8 @@ def _realign_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("realign", "Safety realignment: learn a mask over a fine-tune's task vector with DPO.", _realign_arguments)
 def run_realign(args: argparse.Namespace) -> int:
+    if bool(args.finetuned) == bool(args.finetuned_adapter):
+        raise UsageError("Give exactly one of --finetuned (full mode) or --finetuned-adapter (LoRA mode).")
     from peft import PeftModel
 
     from ..modeling import load_model_and_tokenizer
@@ -42,8 +44,6 @@ def run_realign(args: argparse.Namespace) -> int:
         zero_adapter,
     )
 
-    if bool(args.finetuned) == bool(args.finetuned_adapter):
-        raise UsageError("Give exactly one of --finetuned (full mode) or --finetuned-adapter (LoRA mode).")
     model, tokenizer = load_model_and_tokenizer(args.safe)
     if args.finetuned:
         vector = task_vector_from_models(model.name_or_path, args.finetuned)
