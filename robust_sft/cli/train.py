@@ -144,6 +144,21 @@ def pick_split(splits: Any, split: str, flag: str) -> Any:
     return splits[split]
 
 
+def load_datasets(script_args: ScriptArguments, dataset_args: DatasetMixtureConfig, training_args: Any):
+    """(train, eval) as `trl sft` picks them: `--dataset_train_split`, and `--dataset_test_split` when
+    `eval_strategy` is not "no" (else None)."""
+    splits = load_splits(script_args, dataset_args)
+    train_dataset = pick_split(splits, script_args.dataset_train_split, "--dataset_train_split")
+    if training_args.eval_strategy == "no":
+        return train_dataset, None
+    return train_dataset, pick_split(splits, script_args.dataset_test_split, "--dataset_test_split")
+
+
+def names_a_dataset(script_args: ScriptArguments, dataset_args: DatasetMixtureConfig) -> bool:
+    """Whether data is named (`--dataset_name` or a `datasets:` mixture); the examples generate rows otherwise."""
+    return bool(script_args.dataset_name or dataset_args.datasets)
+
+
 # ----------------------------------------------------------------------------------------------- model
 def quantization(model_args: ModelConfig, training_args: Any) -> str | None:
     """`"4bit"`/`"8bit"` from `--load_in_4bit`/`--load_in_8bit` or the config's `quantization` (they must agree)."""
@@ -218,11 +233,7 @@ def train(method: str, args: list[str] | None = None) -> int:
     """`robust-sft train <method> [flags]`: load, train, save with a model card. Returns the exit code."""
     quiet()
     script_args, training_args, model_args, dataset_args = parse_args(method, args)
-    splits = load_splits(script_args, dataset_args)
-    train_dataset = pick_split(splits, script_args.dataset_train_split, "--dataset_train_split")
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        eval_dataset = pick_split(splits, script_args.dataset_test_split, "--dataset_test_split")
+    train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args)
     peft = peft_config(model_args, training_args)
     model, tokenizer = load_model(model_args, training_args)
     trainer = get_method(method).trainer_class()(
