@@ -5,8 +5,10 @@
     python examples/delia_sft.py --config examples/recipes/delia.yaml
     python examples/delia_sft.py ... --queries_path ../shared/data/self_instruct/seed_tasks.jsonl
 
+The flags are those of `robust-sft train delia` (the same parser, robust_sft.cli.train), plus the example's own.
+
 1. build_cache: the model answers the queries (resumable: the cache in output_dir is reused and completed);
-   without --queries_path the task's own prompts are the queries.
+   without --queries_path the task's own prompts are the queries. --diverse_dataset CACHE.jsonl uses a cache instead.
 2. DELIATrainer trains on the task rows (condense a sentence into `subject <sep> colour`) mixed with
    int(len(task) * diverse_ratio) cached rows; `<sep>` is a new special token with a trainable embedding.
 3. The answers to instructions phrased differently from training are checked against the format.
@@ -15,16 +17,15 @@
 import os
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, TrlParser, get_peft_config
-
-from robust_sft import load_examples, load_model_and_tokenizer
-from robust_sft.delia import DELIAConfig, DELIATrainer, build_cache
+from robust_sft import load_examples
+from robust_sft.cli.train import finish, load_model, parse_args, peft_config
+from robust_sft.delia import DELIATrainer, build_cache
 from robust_sft.demo import SEP_FORMAT, make_sep_task_data
 from robust_sft.evaluation import format_compliance, generate_answers
 
 
 @dataclass
-class ScriptArguments:
+class ExampleArguments:
     train_size: int = field(default=16, metadata={"help": "Task rows."})
     queries_path: str | None = field(default=None, metadata={"help": "Queries for the cache (any data file)."})
     query_field: str | None = field(default=None, metadata={"help": "Column of the query in queries_path."})
@@ -34,39 +35,41 @@ class ScriptArguments:
     cache_batch_size: int = field(default=16, metadata={"help": "Queries generated together."})
 
 
-def main(script_args: ScriptArguments, training_args: DELIAConfig, model_args: ModelConfig) -> None:
-    quantization = "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None
-    model, tokenizer = load_model_and_tokenizer(
-        model_args.model_name_or_path, quantization=quantization, trust_remote_code=training_args.trust_remote_code
-    )
-    task, unseen = make_sep_task_data(script_args.train_size, seed=training_args.seed)
-    if script_args.queries_path:
-        queries = load_examples(script_args.queries_path)
-        queries = queries.select(range(min(script_args.num_queries, len(queries))))
+def diverse_cache(model, tokenizer, task, training_args, args: ExampleArguments) -> str:
+    """Self-sample the model's answers to the queries into output_dir/diverse_cache.jsonl (resumable)."""
+    if args.queries_path:
+        queries = load_examples(args.queries_path)
+        queries = queries.select(range(min(args.num_queries, len(queries))))
     else:
-        queries = task.select(range(min(script_args.num_queries, len(task))))
-    cache = build_cache(
+        queries = task.select(range(min(args.num_queries, len(task))))
+    return build_cache(
         model,
         tokenizer,
         queries,
         os.path.join(training_args.output_dir, "diverse_cache.jsonl"),
-        query_field=script_args.query_field,
-        answer_field=script_args.answer_field,
-        batch_size=script_args.cache_batch_size,
-        max_new_tokens=script_args.cache_max_new_tokens,
+        query_field=args.query_field,
+        answer_field=args.answer_field,
+        batch_size=args.cache_batch_size,
+        max_new_tokens=args.cache_max_new_tokens,
         seed=training_args.seed,
     )
+
+
+def main(script_args, training_args, model_args, dataset_args, example_args: ExampleArguments) -> None:
+    model, tokenizer = load_model(model_args, training_args)
+    task, unseen = make_sep_task_data(example_args.train_size, seed=training_args.seed)
+    cache = script_args.diverse_dataset or diverse_cache(model, tokenizer, task, training_args, example_args)
     trainer = DELIATrainer(
         model=model,
         args=training_args,
         train_dataset=task,
         diverse_dataset=cache,
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=peft_config(model_args, training_args),
     )
     print(f"Training rows: {trainer.mix_counts}")
-    trainer.train()
-    trainer.save_model(training_args.output_dir)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    finish(trainer, "delia", training_args, script_args)
     answers = generate_answers(
         trainer.model,
         tokenizer,
@@ -80,5 +83,4 @@ def main(script_args: ScriptArguments, training_args: DELIAConfig, model_args: M
 
 
 if __name__ == "__main__":
-    parser = TrlParser((ScriptArguments, DELIAConfig, ModelConfig))
-    main(*parser.parse_args_and_config())
+    main(*parse_args("delia", extra=(ExampleArguments,), prog="examples/delia_sft.py"))

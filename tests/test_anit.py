@@ -316,9 +316,11 @@ def test_cli_train_anit_and_perturb(tmp_path, capsys):
     data = tmp_path / "rows.jsonl"
     data.write_text("\n".join(json.dumps(row) for row in ROWS))
     out = tmp_path / "run"
-    command = ["train", "--method", "anit", "--data", str(data), "--model", base_dir, "--output-dir", str(out),
-               "--steps", "1", "--batch-size", "4", "--lora-r", "4", "--noise-rate", "1.0",
-               "--noise-operators", "cut,opposite", "--distortion-metric", "levenshtein"]  # fmt: skip
+    command = ["train", "anit", "--dataset_name", str(data), "--model_name_or_path", base_dir,
+               "--output_dir", str(out),
+               "--max_steps", "1", "--per_device_train_batch_size", "4", "--use_peft", "--lora_r", "4",
+               "--noise_rate", "1.0", "--noise_operators", "cut", "opposite", "--distortion_metric", "levenshtein",
+               "--report_to", "none", "--save_strategy", "no", "--gradient_checkpointing", "false"]  # fmt: skip
     assert main(command) == 0
     assert (out / "adapter_config.json").is_file()
     capsys.readouterr()

@@ -1,4 +1,4 @@
-"""The robust-sft command line."""
+"""The robust-sft command line: the fast paths import no torch, errors are one line with exit code 1 or 2."""
 
 import json
 import os
@@ -25,16 +25,96 @@ def test_env_text(capsys):
     assert "transformers" in capsys.readouterr().out
 
 
-def test_console_script_is_installed():
+def test_env_torch_agrees_with_nvidia_smi(capsys):
+    import torch
+
+    assert main(["env", "--json", "--torch"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["device_source"] == "torch" and report["cpu_threads"] == torch.get_num_threads()
+    assert main(["env", "--json"]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert len(fast["cuda_devices"]) == torch.cuda.device_count()
+
+
+def _console_script() -> str:
     # The script sits next to the interpreter of the environment the package is installed in.
     beside = os.path.join(os.path.dirname(sys.executable), "robust-sft")
     executable = beside if os.path.isfile(beside) else shutil.which("robust-sft")
     assert executable, "the robust-sft console script is not installed (pip install -e .)"
-    result = subprocess.run([executable, "--help"], capture_output=True, text=True, timeout=120)
+    return executable
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([_console_script(), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    assert "demo" in result.stdout and "env" in result.stdout
+    assert all(name in result.stdout for name in ("train", "demo", "env", "realign", "eval"))
 
 
-def test_unknown_command_fails():
+# Runs in a fresh interpreter: the test process itself has torch loaded already.
+NO_TORCH = """
+import contextlib, io, sys
+from robust_sft.cli import main
+assert "torch" not in sys.modules, "import robust_sft.cli"
+for argv in (["--help"], ["train", "--help"]):
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        try:
+            main(argv)
+        except SystemExit as stop:
+            assert stop.code == 0, (argv, stop.code)
+    assert "torch" not in sys.modules, argv
+with contextlib.redirect_stdout(io.StringIO()):
+    assert main(["env", "--json"]) == 0
+print(sorted(name for name in ("torch", "transformers", "trl", "datasets", "peft") if name in sys.modules))
+"""
+
+
+def test_help_and_env_import_no_torch():
+    result = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"  # nor transformers, trl, datasets or peft
+
+
+def test_train_lists_the_registered_methods(capsys):
+    from robust_sft.methods import METHODS
+
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["nope"])
+        main(["train", "--help"])
+    listing = capsys.readouterr().out
+    for name, method in METHODS.items():
+        assert (f"    {name} " in listing) == method.trainable_from_cli, name
+
+
+def test_usage_errors_are_one_line_with_exit_code_2(capsys):
+    for argv in (["nope"], ["env", "--bogus"], ["train"], ["train", "realign"]):
+        with pytest.raises(SystemExit) as stop:
+            build_parser().parse_args(argv) if argv[0] == "nope" else main(argv)
+        assert stop.value.code == 2, argv
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and "error:" in error, (argv, error)
+
+
+def test_usage_error_found_after_parsing_is_exit_code_2(capsys):
+    assert main(["eval", "--task", "piqa"]) == 2
+    assert capsys.readouterr().err.startswith("robust-sft: error: --task piqa needs --data")
+    assert main(["realign", "--preferences", "p.jsonl", "--output-dir", "out"]) == 2
+    assert capsys.readouterr().err == (
+        "robust-sft: error: Give exactly one of --finetuned (full mode) or --finetuned-adapter (LoRA mode).\n"
+    )
+
+
+def test_data_error_is_one_line_with_exit_code_1_and_debug_shows_the_traceback(tmp_path, capsys):
+    missing = str(tmp_path / "missing.jsonl")
+    argv = ["train", "sft", "--output_dir", str(tmp_path / "out"), "--dataset_name", missing]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == f"robust-sft: error: Data file {missing} does not exist."
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main([*argv, "--debug"])
+
+
+def test_exit_codes_of_the_console_script(tmp_path):
+    unknown = subprocess.run([_console_script(), "env", "--bogus"], capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
+    missing = [_console_script(), "build-cache", "--queries", str(tmp_path / "q.jsonl"), "--output", "x.jsonl"]
+    error = subprocess.run(missing, capture_output=True, text=True, timeout=300)
+    assert error.returncode == 1
+    assert error.stderr.splitlines()[-1] == f"robust-sft: error: Data file {tmp_path / 'q.jsonl'} does not exist."

@@ -311,9 +311,11 @@ def test_cli_build_cache_then_train_delia(tmp_path, capsys):
     data = tmp_path / "task.jsonl"
     data.write_text("\n".join(json.dumps(row) for row in TASK))
     out = tmp_path / "run"
-    command = ["train", "--method", "delia", "--data", str(data), "--model", base_dir, "--output-dir", str(out),
-               "--steps", "1", "--batch-size", "4", "--lora-r", "4", "--diverse", str(cache),
-               "--diverse-ratio", "0.3", "--new-tokens", "<sep>"]  # fmt: skip
+    command = ["train", "delia", "--dataset_name", str(data), "--model_name_or_path", base_dir,
+               "--output_dir", str(out),
+               "--max_steps", "1", "--per_device_train_batch_size", "4", "--use_peft", "--lora_r", "4",
+               "--diverse_dataset", str(cache), "--diverse_ratio", "0.3", "--new_special_tokens", "<sep>",
+               "--report_to", "none", "--save_strategy", "no", "--gradient_checkpointing", "false"]  # fmt: skip
     assert main(command) == 0
     assert (out / "adapter_config.json").is_file()
     assert "<sep>" in (out / "tokenizer.json").read_text()

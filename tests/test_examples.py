@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from robust_sft.testing import save_tiny_model
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
@@ -52,7 +54,7 @@ def test_anit_example_on_sst2_rows(tmp_path):
     out = tmp_path / "out"
     sst2 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "sst2", "dev.tsv")
     args = ["--model_name_or_path", model, "--output_dir", str(out), *QUICK_RUN, "--lora_r", "4",
-            "--lora_target_modules", "all-linear", "--dataset_path", sst2, "--eval_size", "6", "--noise_rate", "1.0",
+            "--lora_target_modules", "all-linear", "--dataset_name", sst2, "--eval_size", "6", "--noise_rate", "1.0",
             "--distortion_metric", "levenshtein", "--eval_operators", "cut,word_shuffle"]  # fmt: skip
     result = run_example("anit_sft.py", *args)
     assert (out / "adapter_config.json").is_file()
@@ -91,3 +93,27 @@ def test_safety_realign_example(tmp_path):
     assert list(scores) == ["safe", "fine-tuned", "realigned", "kept_fraction"]
     assert (out / "realigned-adapter" / "realign_report.json").is_file()
     assert (out / "finetuned-adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "script, method",
+    [("sft_baseline.py", "sft"), ("taia_sft.py", "taia"), ("anit_sft.py", "anit"), ("delia_sft.py", "delia")],
+)
+def test_recipe_parses_the_same_in_the_example_and_the_cli(script, method):
+    import importlib.util
+
+    import yaml
+
+    from robust_sft.cli.train import parse_args
+
+    spec = importlib.util.spec_from_file_location(f"example_{method}", os.path.join(EXAMPLES, script))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    recipe = os.path.join(EXAMPLES, "recipes", f"{method}.yaml")
+    from_example = parse_args(method, ["--config", recipe], extra=(example.ExampleArguments,))
+    from_cli = parse_args(method, ["--config", recipe])
+    assert from_example[:4] == from_cli
+    training_args, model_args = from_cli[1], from_cli[2]
+    for key, value in yaml.safe_load(open(recipe)).items():
+        parsed = getattr(training_args, key, getattr(model_args, key, None))
+        assert parsed == value or key == "report_to", key  # report_to: "none" parses to []

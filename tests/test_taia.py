@@ -311,8 +311,11 @@ def test_cli_train_and_export(tmp_path):
     data = tmp_path / "rows.jsonl"
     data.write_text("\n".join(json.dumps(row) for row in ROWS))
     out = tmp_path / "run"
-    command = ["train", "--method", "taia", "--data", str(data), "--model", base_dir, "--output-dir", str(out),
-               "--steps", "2", "--batch-size", "4", "--lora-r", "4", "--learning-rate", ".01", "--export"]  # fmt: skip
+    command = ["train", "taia", "--dataset_name", str(data), "--model_name_or_path", base_dir,
+               "--output_dir", str(out),
+               "--max_steps", "2", "--per_device_train_batch_size", "4", "--use_peft", "--lora_r", "4",
+               "--learning_rate", ".01", "--save_taia_model", "--report_to", "none", "--save_strategy", "no",
+               "--gradient_checkpointing", "false"]  # fmt: skip
     assert main(command) == 0
     assert (out / "adapter_config.json").is_file() and (out / "taia-model" / "model.safetensors").is_file()
     assert main(["export-taia", "--base", base_dir, "--adapter", str(out), "--output", str(tmp_path / "x")]) == 0

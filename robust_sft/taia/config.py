@@ -61,3 +61,8 @@ class TAIAConfig(RobustSFTConfig):
                 "keep='attention' (or 'all') with the TOA ablation."
             )
         super().__post_init__()
+
+    def default_lora_target_modules(self) -> str | None:
+        """LoRA targets of `robust-sft train taia --use_peft` without `--lora_target_modules`: every linear layer, or
+        none for the TOA ablation (TAIATrainer then picks the attention layers)."""
+        return "all-linear" if self.train_modules == "all" else None

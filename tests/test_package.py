@@ -1,0 +1,51 @@
+"""The public API: `robust_sft.__all__` is the registry's classes plus the lazy helpers, and every name imports."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import robust_sft
+from robust_sft.methods import METHODS
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+# Public names that are not in a method's entry: the registry itself and the version.
+REGISTRY_NAMES = {"METHODS", "get_method", "register_method", "__version__"}
+
+
+def test_every_public_name_imports():
+    for name in robust_sft.__all__:
+        assert getattr(robust_sft, name) is not None, name
+    assert not [name for name in robust_sft.__all__ if name not in dir(robust_sft)]
+
+
+def test_all_is_the_registry_plus_the_lazy_names():
+    classes = {name for method in METHODS.values() for name in method.class_names}
+    assert set(robust_sft.__all__) == classes | set(robust_sft._LAZY) | REGISTRY_NAMES
+    assert len(robust_sft.__all__) == len(set(robust_sft.__all__))
+
+
+def test_registry_classes_are_the_classes_their_entries_name():
+    for method in METHODS.values():
+        trainer, config = method.trainer_class(), method.config_class()
+        assert getattr(robust_sft, trainer.__name__) is trainer and getattr(robust_sft, config.__name__) is config
+        for alias, target in method.aliases.items():  # documented aliases: the same class, not a copy
+            assert getattr(robust_sft, alias) is getattr(robust_sft, target)
+        if method.paper is not None:
+            assert trainer._paper["id"] == method.paper.id
+        if method.trainable_from_cli:  # the realignment trainer tags its cards `safety-realignment`
+            assert set(method.tags) <= set(trainer._tag_names)
+
+
+def test_every_trainer_and_config_named_in_the_readme_imports():
+    names = set(re.findall(r"\b([A-Z][A-Za-z]*(?:Trainer|Config))\b", README.read_text()))
+    names -= {"SFTTrainer", "SFTConfig", "LoraConfig"}  # TRL's and PEFT's own, in the swap-in snippet
+    assert {"ANITTrainer", "DELIATrainer", "TAIATrainer"} <= names
+    missing = [name for name in sorted(names) if not hasattr(robust_sft, name)]
+    assert not missing, f"README.md names {missing}, which robust_sft does not export"
+
+
+def test_import_robust_sft_imports_no_torch():
+    code = "import sys, robust_sft; robust_sft.METHODS; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr[-2000:]
