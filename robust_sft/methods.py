@@ -8,6 +8,7 @@ method is one [`register_method`] call here plus its package.
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +23,16 @@ class Paper:
     venue: str = ""
     citation: str = ""
 
+    @property
+    def is_arxiv(self) -> bool:
+        return re.fullmatch(r"\d{4}\.\d{4,5}", self.id) is not None
+
     def as_trl_paper(self) -> dict[str, str]:
-        """The dict TRL's `create_model_card` reads from a trainer's `_paper`."""
-        paper = {"title": self.title, "id": self.id}
+        """The dict TRL's `create_model_card` reads from a trainer's `_paper`. TRL links the id as a Hugging Face
+        papers page, which exists for arXiv ids only: another id (a DOI) is left to the citation."""
+        paper = {"title": self.title}
+        if self.is_arxiv:
+            paper["id"] = self.id
         if self.citation:
             paper["citation"] = self.citation
         return paper
@@ -117,6 +125,9 @@ ANIT_PAPER = Paper(
     id="10.1609/aaai.v39i22.34513",
     url="https://doi.org/10.1609/aaai.v39i22.34513",
     venue="AAAI 2025",
+    citation="@inproceedings{bai2025anit, title={Enhancing {NLU} in Large Language Models Using Adversarial Noisy "
+    "Instruction Tuning}, booktitle={Proceedings of the AAAI Conference on Artificial Intelligence}, volume={39}, "
+    "number={22}, year={2025}, doi={10.1609/aaai.v39i22.34513}}",
 )
 REALIGN_PAPER = Paper(
     title="A Safety Realignment Framework via Subspace-Oriented Model Fusion for Large Language Models",

@@ -67,8 +67,11 @@ def test_train_from_recipe(workspace, method):
     assert all(f"- {tag}\n" in header for tag in spec.tags), header
     assert f"- {method}\n" in header
     if spec.paper is not None:
-        assert f"https://huggingface.co/papers/{spec.paper.id})" in card
-        assert spec.paper.title in card
+        if spec.paper.is_arxiv:  # TRL links arXiv ids to their papers page
+            assert f"[{spec.paper.title}](https://huggingface.co/papers/{spec.paper.id})" in card
+        else:  # a DOI would make a dead link: the card cites it instead
+            assert "huggingface.co/papers/" not in card
+            assert spec.paper.id in card and "bai2025anit" in card
 
     targets = set(json.loads((out / "adapter_config.json").read_text())["target_modules"])
     if method == "delia":  # its recipe adds `<sep>`: the input embedding trains with the adapter (documented)

@@ -44,7 +44,7 @@ class SafetyRealignTrainer(DPOTrainer):
     adapter) with the deterministic mask and a report of the kept fraction per tensor.
     """
 
-    _tag_names = ["trl", "dpo", "robust_sft", "safety-realignment"]
+    _tag_names = ["trl", "dpo", "robust_sft", "realign", "safety-realignment"]
     _name = "Safety realignment"
     _paper = REALIGN_PAPER.as_trl_paper()
 
