@@ -7,7 +7,7 @@ against hand-built token lists on the same six chat templates.
 
 import copy
 import itertools
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -45,15 +45,11 @@ ROWS = {
     "text": [{"text": f"{q} {a}"} for q, a in QA],
     "text_field": [{"body": f"{q} {a}", "id": i} for i, (q, a) in enumerate(QA)],
     "prompt_completion_text": [{"prompt": q, "completion": " " + a} for q, a in QA],
-    "prompt_completion_chat": [
-        {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]} for q, a in QA
-    ],
+    "prompt_completion_chat": [{"prompt": single_turn(q, a)[:1], "completion": single_turn(q, a)[1:]} for q, a in QA],
     "messages_single": [{"messages": single_turn(q, a)} for q, a in QA],
     "messages_multi": [{"messages": TURNS}, {"messages": single_turn(*QA[0]) + single_turn(*QA[1])}],
     "messages_system": [{"messages": [SYSTEM, *TURNS]}, {"messages": [SYSTEM, *single_turn(*QA[2])]}],
-    "sharegpt": [
-        {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in QA
-    ],
+    "sharegpt": [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in QA],
     "tools": [
         {"messages": single_turn(q, a), "tools": [TOOL], "chat_template_kwargs": {"date_string": "26 Jul 2024"}}
         for q, a in QA
@@ -62,7 +58,7 @@ ROWS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tokenizer(template, markers=False):
     return make_template_tokenizer(template, generation_markers=markers)
 
@@ -290,7 +286,11 @@ ALPACA_PIECES = {
 CONVERSATION = [SYSTEM, *TURNS]
 CONVERSATION_PIECES = {
     "chatml": [
-        ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n", 0, 0),
+        (
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+            0,
+            0,
+        ),
         ("Four.<|im_end|>", 1, 0),
         ("\n<|im_start|>user\n", 0, 0),
         ("Again?", 0, 1),
