@@ -100,7 +100,7 @@ class Example:
 
 def _row_error(index: int | None, problem: str, fix: str) -> DataFormatError:
     where = f"Row {index}" if index is not None else "A row"
-    return DataFormatError(f"{where}: {problem}. {fix}")
+    return DataFormatError(f"{where}: {problem.rstrip('.')}. {fix}".rstrip())
 
 
 def _require_text(row: dict[str, Any], key: str, index: int | None, allow_empty: bool = False) -> str:
@@ -571,7 +571,10 @@ def assistant_token_masks(
     TRL's `completion_mask`. TRL then builds the labels from these masks as it does for its own."""
     example = to_example(row, data_format, index)
     options = chat_template_options(row, None, index)
-    rendered = render_example(example, tokenizer, options)
+    try:
+        rendered = render_example(example, tokenizer, options)
+    except DataFormatError as error:
+        raise _row_error(index, str(error), "") from None
     input_ids, offsets = _offsets(tokenizer, rendered)
     if input_ids != _chat_ids(tokenizer, example.messages, **options):
         raise _mismatch("assistant turns")
@@ -613,7 +616,10 @@ def instruction_token_mask(
     if not example.instruction:
         return [0] * len(input_ids)
     options = chat_template_options(row, chat_template, index) if example.messages is not None else None
-    rendered = render_example(example, tokenizer, options)
+    try:
+        rendered = render_example(example, tokenizer, options)
+    except DataFormatError as error:
+        raise _row_error(index, str(error), "") from None
     full_ids, offsets = _offsets(tokenizer, rendered)
     window = _window(len(full_ids), len(input_ids), truncation_mode)
     if full_ids[window] != list(input_ids):

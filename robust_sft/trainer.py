@@ -75,7 +75,12 @@ def check_output_dir(output_dir: str | os.PathLike | None) -> None:
     existing = path
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            f"output_dir {str(path)!r} cannot be created: {str(existing)!r} is a file, not a folder. Pick another "
+            "output_dir."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(
             f"output_dir {str(path)!r} is not writable ({str(existing)!r} does not let this user write). Training "
             "would fail at the first checkpoint; pick a folder you can write to."
