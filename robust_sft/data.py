@@ -156,7 +156,9 @@ def to_example(row: dict[str, Any], data_format: str, index: int | None = None, 
         messages = _check_messages(row.get(key), index, key)
         if messages[-1]["role"] != "assistant":
             raise _row_error(
-                index, "the conversation does not end with an assistant turn", "Nothing would be trained."
+                index,
+                "the conversation does not end with an assistant turn",
+                "End it with the answer to train on (drop the trailing turns), or drop the row.",
             )
         turn = _last_user_turn(messages, len(messages) - 1)
         return Example(
