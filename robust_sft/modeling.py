@@ -89,7 +89,7 @@ def ensure_embedded_model() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock
 
-    with FileLock(str(target.parent / f".{EMBEDDED_MODEL_NAME}.lock")):
+    with FileLock(str(target.parent / f"{EMBEDDED_MODEL_NAME}.lock")):
         if is_embedded_model_converted():  # another process converted it while this one waited
             return target
         logger.warning("Converting the embedded %s from GGUF into %s (once per machine).", EMBEDDED_MODEL_NAME, target)
