@@ -412,3 +412,11 @@ def test_method_default_assistant_only_loss(output_dir, caplog):
     _, labels, _ = expected(trainer.processing_class, CONVERSATION_PIECES["gemma"])
     assert trainer.train_dataset[0]["labels"] == labels
     assert "assistant turns only" in caplog.text
+
+
+def test_alpaca_rows_in_an_iterable_dataset(output_dir):
+    rows_list = [ALPACA, dict(ALPACA, instruction="Add 4 and 4.", output="8")]
+    listed = build(RobustSFTTrainer, "qwen2.5", config(output_dir), Dataset.from_list(rows_list))
+    stream = Dataset.from_list(rows_list).to_iterable_dataset()
+    streamed = build(RobustSFTTrainer, "qwen2.5", config(output_dir, max_steps=1), stream)
+    assert rows(streamed.train_dataset) == rows(listed.train_dataset)
