@@ -189,6 +189,8 @@ class RobustSFTTrainer(SFTTrainer):
         **kwargs: Any,
     ):
         args = args if args is not None else RobustSFTConfig(output_dir="robust-sft-output")
+        if not isinstance(args, SFTConfig):  # plain TrainingArguments, converted as SFTTrainer does
+            args = SFTConfig(**{**args.to_dict(), "hub_token": args.hub_token})
         # Everything that can be checked without the model is checked before it loads.
         check_output_dir(args.output_dir)
         formatting_func = kwargs.get("formatting_func")

@@ -229,3 +229,13 @@ def test_eval_dataset_as_a_dict_of_paths(tmp_path, tiny_model, tokenizer):
         processing_class=tokenizer,
     )
     assert sorted(trainer.eval_dataset) == ["a", "b"] and len(trainer.eval_dataset["a"]) == 2
+
+
+def test_plain_training_arguments_are_accepted(tmp_path, tiny_model, tokenizer):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False)
+    trainer = RobustSFTTrainer(
+        model=tiny_model, args=args, train_dataset=Dataset.from_list(ROWS), processing_class=tokenizer
+    )
+    assert trainer.train_dataset[0]["labels"][0] == -100
