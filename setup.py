@@ -21,6 +21,7 @@ setup(
         "trl>=1.16,<2",
         "peft>=0.21",
         "datasets>=4.0",
+        "filelock>=3.12",
         "accelerate>=1.10",
         "gguf>=0.17",
         "tqdm",

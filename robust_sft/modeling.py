@@ -60,36 +60,44 @@ def _embedded_gguf_path() -> Path:
 def ensure_embedded_model() -> Path:
     """Convert the embedded GGUF model into a plain safetensors folder once and return that folder.
 
-    The conversion writes into a temporary folder next to the target and renames it into place, so an interrupted run
-    leaves no half-written model behind, and two concurrent runs cannot corrupt each other.
+    A file lock next to the target lets one process convert while the others (DDP ranks, parallel test workers,
+    several jobs sharing the cache) wait and then load the result. The conversion writes into a temporary folder and
+    renames it into place, so an interrupted run leaves no half-written model behind.
     """
     target = embedded_model_dir()
     if is_embedded_model_converted():
         return target
     gguf_path = _embedded_gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
-    logger.warning("Converting the embedded %s from GGUF into %s (once per machine).", EMBEDDED_MODEL_NAME, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL_NAME}-", dir=target.parent))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-        # Drop the GGUF quantizer: the weights are already dequantized to float, and Trainer refuses GGUF models.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "robust_sft_source.json").write_text(
-            json.dumps({"source": EMBEDDED_MODEL_SOURCE, "gguf_file": EMBEDDED_GGUF_FILE}, indent=2)
-        )
+    from filelock import FileLock
+
+    with FileLock(str(target.parent / f"{EMBEDDED_MODEL_NAME}.lock")):
+        if is_embedded_model_converted():  # another process converted it while this one waited
+            return target
+        logger.warning("Converting the embedded %s from GGUF into %s (once per machine).", EMBEDDED_MODEL_NAME, target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL_NAME}-", dir=target.parent))
         try:
+            _convert_gguf(gguf_path, tmp)
+            if target.exists():  # a half-written folder from a run that died before the lock existed
+                shutil.rmtree(target)
             tmp.rename(target)
-        except OSError:
-            if not is_embedded_model_converted():  # not a concurrent winner: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _convert_gguf(gguf_path: Path, folder: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # Drop the GGUF quantizer: the weights are already dequantized to float, and Trainer refuses GGUF models.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "robust_sft_source.json").write_text(
+        json.dumps({"source": EMBEDDED_MODEL_SOURCE, "gguf_file": EMBEDDED_GGUF_FILE}, indent=2)
+    )
 
 
 def quantization_config_for(quantization: Quantization, compute_dtype: torch.dtype) -> Any:

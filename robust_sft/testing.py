@@ -73,6 +73,128 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+# Chat templates of six families, written here (no hub) in the shape of the real ones. "@@GEN@@"/"@@ENDGEN@@" mark
+# the assistant text that trains under assistant-only loss (the content and the end-of-turn token, not the newline
+# after it); `chat_template(name, generation_markers=True)` turns them into `{% generation %}` blocks.
+_ASSISTANT_END = "{% set last = loop.last and not add_generation_prompt %}"
+_TEMPLATES: dict[str, str] = {
+    # SmolLM2-Instruct (ChatML with a default system turn)
+    "chatml": (
+        "{% for message in messages %}"
+        "{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+        "{% endif %}"
+        "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+        "@@GEN@@{{ message['content'] + '<|im_end|>' }}@@ENDGEN@@{{ '\n' }}"
+        "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    # Llama-3 Instruct (a `date_string` keyword fills a system header, as Llama-3.1's does)
+    "llama3": (
+        "{{ bos_token }}"
+        "{% if date_string is defined %}"
+        "{{ '<|start_header_id|>system<|end_header_id|>\n\nToday Date: ' + date_string + '<|eot_id|>' }}"
+        "{% endif %}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'assistant' %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+        "@@GEN@@{{ message['content'] | trim + '<|eot_id|>' }}@@ENDGEN@@"
+        "{% else %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim }}"
+        "{{ '<|eot_id|>' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    # Qwen2.5 Instruct (default system turn; tools listed in the system turn)
+    "qwen2.5": (
+        "{% if tools %}{{ '<|im_start|>system\n' }}"
+        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
+        "{% else %}{{ 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}{% endif %}"
+        "{{ '\n\n# Tools\n\n<tools>' }}{% for tool in tools %}{{ '\n' }}{{ tool | tojson }}{% endfor %}"
+        "{{ '\n</tools><|im_end|>\n' }}"
+        "{% elif messages[0]['role'] == 'system' %}"
+        "{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+        "{% else %}{{ '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}"
+        "{{ '<|im_end|>\n' }}{% endif %}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' or (message['role'] == 'system' and not loop.first) %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+        "{% elif message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+        "@@GEN@@{{ message['content'] + '<|im_end|>' }}@@ENDGEN@@{{ '\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    # Phi-3 (EOS closes a conversation rendered without a generation prompt)
+    "phi3": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '<|end|>\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '<|end|>\n' }}"
+        "{% elif message['role'] == 'assistant' %}" + _ASSISTANT_END + "{{ '<|assistant|>\n' }}"
+        "@@GEN@@{{ message['content'] + '<|end|>' }}{% if last %}{{ '\n' + eos_token }}{% endif %}@@ENDGEN@@"
+        "{% if not last %}{{ '\n' }}{% endif %}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}"
+        "{% elif messages[-1]['role'] != 'assistant' %}{{ eos_token }}{% endif %}"
+    ),
+    # Gemma (no system role: the system text opens the first user turn; the assistant is `model`)
+    "gemma": (
+        "{{ bos_token }}"
+        "{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}"
+        "{% set turns = messages[1:] %}{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+        "{% for message in turns %}"
+        "{% if message['role'] == 'assistant' %}{{ '<start_of_turn>model\n' }}"
+        "@@GEN@@{{ message['content'] | trim + '<end_of_turn>' }}@@ENDGEN@@{{ '\n' }}"
+        "{% else %}{{ '<start_of_turn>' + message['role'] + '\n' + (prefix if loop.first else '') }}"
+        "{{ message['content'] | trim + '<end_of_turn>\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    ),
+    # Mistral Instruct v0.1 (system text opens the first user turn; no generation prompt)
+    "mistral": (
+        "{{ bos_token }}"
+        "{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}"
+        "{% set turns = messages[1:] %}{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+        "{% for message in turns %}"
+        "{% if message['role'] == 'user' %}{{ '[INST] ' + (prefix if loop.first else '') + message['content'] }}"
+        "{{ ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+        "@@GEN@@{{ message['content'] + eos_token }}@@ENDGEN@@{% endif %}"
+        "{% endfor %}"
+    ),
+}
+CHAT_TEMPLATE_NAMES = tuple(_TEMPLATES)
+
+# Per template: special tokens, BOS, EOS (as the real tokenizers of the family set them).
+_TEMPLATE_TOKENS: dict[str, tuple[list[str], str | None, str]] = {
+    "chatml": (["<|im_start|>", "<|im_end|>"], None, "<|im_end|>"),
+    "llama3": (
+        ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+    ),
+    "qwen2.5": (["<|im_start|>", "<|im_end|>"], None, "<|im_end|>"),
+    "phi3": (["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], None, "<|endoftext|>"),
+    "gemma": (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>"),
+    "mistral": (["<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>"),
+}
+
+
+def chat_template(name: str, generation_markers: bool = False) -> str:
+    """One of `CHAT_TEMPLATE_NAMES` as a Jinja string, optionally with `{% generation %}` markers around the
+    assistant text that trains (its content and end-of-turn token)."""
+    if name not in _TEMPLATES:
+        raise ValueError(f"Unknown chat template {name!r}; choose from {CHAT_TEMPLATE_NAMES}.")
+    start, end = ("{% generation %}", "{% endgeneration %}") if generation_markers else ("", "")
+    return _TEMPLATES[name].replace("@@GEN@@", start).replace("@@ENDGEN@@", end)
+
+
+def make_template_tokenizer(name: str, generation_markers: bool = False) -> PreTrainedTokenizerFast:
+    """The tiny tokenizer with one family's chat template, special tokens, BOS and EOS (see `chat_template`)."""
+    tokenizer = make_tiny_tokenizer()
+    special, bos, eos = _TEMPLATE_TOKENS[name]
+    tokenizer.add_special_tokens({"additional_special_tokens": special})
+    if bos is not None:
+        tokenizer.bos_token = bos
+    tokenizer.eos_token = eos
+    tokenizer.chat_template = chat_template(name, generation_markers)
+    return tokenizer
+
+
 def make_tiny_model(
     architecture: str = "llama",
     tokenizer: PreTrainedTokenizerFast | None = None,

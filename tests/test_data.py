@@ -245,9 +245,12 @@ def test_render_then_tokenize_spans_are_character_exact(tokenizer):
     start, end = rendered.instruction_span
     assert rendered.text[start:end] == "Add one."
     ((c_start, c_end),) = rendered.completion_spans
-    assert rendered.text[c_start:c_end] == "Two.<|im_end|>"
+    # The span runs to the end of the turn's own rendering; the newline token after <|im_end|> does not train.
+    assert rendered.text[c_start:c_end] == "Two.<|im_end|>\n"
     encoded = tokenize_example(rendered, tokenizer)
     assert len(encoded["input_ids"]) == len(encoded["labels"]) == len(encoded["instruction_mask"])
+    trained = [token for token in encoded["labels"] if token != -100]
+    assert tokenizer.decode(trained) == "Two.<|im_end|>"
 
 
 def test_keep_columns_and_collator_carry_fields(tokenizer):

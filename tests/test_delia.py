@@ -64,15 +64,17 @@ def test_mixed_set_has_exactly_the_expected_rows(tmp_path, tokenizer, ratio, div
 
 
 def test_rows_dropped_by_truncation_are_counted_and_reported(tmp_path, tokenizer, caplog):
-    long_prompt = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "Ok."}]}
-    with caplog.at_level(logging.WARNING, logger="robust_sft.delia"):
+    # `messages` rows train the whole sequence (as in TRL), so only a prompt/completion row (here a task row) can
+    # lose every trained token to truncation; TRL's preparation drops it and the base trainer says so.
+    long_prompt = {"instruction": "word " * 200, "output": "Ok."}
+    with caplog.at_level(logging.WARNING):
         trainer = make_trainer(
-            tmp_path, tokenizer, diverse=[long_prompt, *DIVERSE[:4]], diverse_ratio=0.5, max_length=64
+            tmp_path, tokenizer, task=[*TASK[:9], long_prompt], diverse=DIVERSE[:5], diverse_ratio=0.5, max_length=64
         )
-    # 10 task rows + min(5, int(10 * 0.5)) = 5 diverse rows mixed; the long prompt leaves no completion token.
-    assert trainer.mix_counts == {"task": 10, "diverse": 4}
-    assert len(trainer.train_dataset) == 14
-    assert "{'task': 10, 'diverse': 5} rows mixed" in caplog.text and "Raise max_length" in caplog.text
+    assert trainer.mix_counts == {"task": 9, "diverse": 4}  # int(9 trained task rows x 0.5)
+    assert len(trainer.train_dataset) == 13
+    assert "1 of 10 rows of the train task rows dataset were dropped" in caplog.text
+    assert "Raise max_length" in caplog.text
 
 
 def test_mixing_is_deterministic_for_a_seed(tmp_path, tokenizer):

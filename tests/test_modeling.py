@@ -112,3 +112,29 @@ def test_trainer_loads_quantized_model_from_config(tmp_path):
     assert is_quantized(trainer.model)
     trainer.train()
     assert trainer.state.global_step == 1
+
+
+def test_embedded_conversion_is_locked_to_one_process(tmp_path, monkeypatch):
+    """Several workers asking for the embedded model at once: one converts, the others wait and reuse it."""
+    import threading
+    import time
+
+    monkeypatch.setenv("ROBUST_SFT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(modeling, "_embedded_gguf_path", lambda: tmp_path / "model.gguf")
+    conversions = []
+
+    def fake_convert(gguf_path, folder):
+        conversions.append(folder)
+        time.sleep(0.3)  # long enough for the other workers to arrive while it converts
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"")
+
+    monkeypatch.setattr(modeling, "_convert_gguf", fake_convert)
+    results = []
+    workers = [threading.Thread(target=lambda: results.append(modeling.ensure_embedded_model())) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(conversions) == 1
+    assert len(set(results)) == 1 and modeling.is_embedded_model_converted()

@@ -123,3 +123,119 @@ def test_evaluate_takes_raw_rows_and_file_paths(tmp_path, tiny_model, tokenizer)
     )
     metrics = trainer.evaluate(Dataset.from_list(ROWS[:4]))
     assert metrics["eval_loss"] > 0
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def test_fields_reach_compute_loss_without_processing_class(tmp_path, tokenizer):
+    """No processing_class: the tokenizer is loaded from the model's folder (as SFTTrainer does), and the per-example
+    fields still reach compute_loss."""
+    from transformers import AutoModelForCausalLM
+
+    from robust_sft.testing import save_tiny_model
+
+    folder = save_tiny_model(str(tmp_path / "tiny"))
+    trainer = WeightedTrainer(
+        model=AutoModelForCausalLM.from_pretrained(folder),
+        args=train_args(tmp_path / "out", max_steps=1, per_device_train_batch_size=4),
+        train_dataset=Dataset.from_list([dict(row, weight=float(i)) for i, row in enumerate(ROWS)]),
+    )
+    trainer.seen = []
+    trainer.train()
+    assert len(trainer.seen[0][0]) == 4 and trainer.seen[0][1]
+
+
+def test_custom_collator_that_drops_the_fields_is_refused(tmp_path, tiny_model, tokenizer):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from robust_sft import RobustDataCollator
+
+    rows = Dataset.from_list([dict(row, weight=1.0) for row in ROWS])
+    with pytest.raises(ValueError, match=r"data_collator drops \['instruction_mask', 'weight'\].*RobustDataCollator"):
+        WeightedTrainer(
+            model=tiny_model,
+            args=train_args(tmp_path),
+            train_dataset=rows,
+            processing_class=tokenizer,
+            data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
+        )
+    collator = RobustDataCollator(
+        pad_token_id=tokenizer.pad_token_id, token_fields=("instruction_mask",), example_fields=("weight",)
+    )
+    trainer = WeightedTrainer(
+        model=tiny_model,
+        args=train_args(tmp_path),
+        train_dataset=rows,
+        processing_class=tokenizer,
+        data_collator=collator,
+    )
+    assert trainer.data_collator is collator
+
+
+def test_pad_token_from_the_config_is_used(tmp_path, tiny_model, tokenizer):
+    import copy
+
+    own = copy.deepcopy(tokenizer)
+    trainer = WeightedTrainer(
+        model=tiny_model,
+        args=train_args(tmp_path, pad_token="<|endoftext|>"),
+        train_dataset=Dataset.from_list([dict(row, weight=1.0) for row in ROWS]),
+        processing_class=own,
+    )
+    assert trainer.data_collator.pad_token_id == own.convert_tokens_to_ids("<|endoftext|>")
+
+
+def test_quantization_with_a_loaded_model_is_refused(tmp_path, tiny_model, tokenizer):
+    with pytest.raises(ValueError, match="already-loaded full-precision model.*quantization='4bit'"):
+        RobustSFTTrainer(
+            model=tiny_model,
+            args=train_args(tmp_path, quantization="4bit"),
+            train_dataset=Dataset.from_list(ROWS),
+            processing_class=tokenizer,
+        )
+
+
+def test_dataset_preparation_runs_main_process_first(tmp_path, tiny_model, tokenizer, monkeypatch):
+    import contextlib
+
+    import robust_sft.trainer as trainer_module
+
+    entered = []
+
+    @contextlib.contextmanager
+    def recording():
+        entered.append(True)
+        yield
+
+    monkeypatch.setattr(trainer_module, "global_then_local_main_first", recording)
+    WeightedTrainer(
+        model=tiny_model,
+        args=train_args(tmp_path),
+        train_dataset=Dataset.from_list([dict(row, weight=1.0) for row in ROWS]),
+        processing_class=tokenizer,
+    )
+    assert len(entered) == 2  # our steps before TRL's (which has its own) and the instruction span after
+
+
+def test_eval_dataset_as_a_dict_of_paths(tmp_path, tiny_model, tokenizer):
+    paths = {}
+    for name in ("a", "b"):
+        paths[name] = str(tmp_path / f"{name}.jsonl")
+        Dataset.from_list(ROWS[:2]).to_json(paths[name])
+    trainer = RobustSFTTrainer(
+        model=tiny_model,
+        args=train_args(tmp_path),
+        train_dataset=Dataset.from_list(ROWS),
+        eval_dataset=paths,
+        processing_class=tokenizer,
+    )
+    assert sorted(trainer.eval_dataset) == ["a", "b"] and len(trainer.eval_dataset["a"]) == 2
+
+
+def test_plain_training_arguments_are_accepted(tmp_path, tiny_model, tokenizer):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False)
+    trainer = RobustSFTTrainer(
+        model=tiny_model, args=args, train_dataset=Dataset.from_list(ROWS), processing_class=tokenizer
+    )
+    assert trainer.train_dataset[0]["labels"][0] == -100
