@@ -139,7 +139,7 @@ register_method(
     Method(
         name="sft",
         trainer="robust_sft.trainer:RobustSFTTrainer",
-        config="robust_sft.trainer:RobustSFTConfig",
+        config="robust_sft.config:RobustSFTConfig",
         summary="Plain SFT on the shared data layer: the baseline and the base class of every method.",
         docs="trainers/robust_sft.md",
     )

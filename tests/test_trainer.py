@@ -197,7 +197,7 @@ def test_quantization_with_a_loaded_model_is_refused(tmp_path, tiny_model, token
 def test_dataset_preparation_runs_main_process_first(tmp_path, tiny_model, tokenizer, monkeypatch):
     import contextlib
 
-    import robust_sft.trainer as trainer_module
+    import robust_sft.preparation as trainer_module
 
     entered = []
 
