@@ -31,8 +31,10 @@ setup(
     extras_require={
         "qlora": ["bitsandbytes>=0.50"],
         "vllm": ["vllm"],
+        "eval": ["lm-eval==0.4.13"],
         "dev": [
             "pytest>=8",
+            "lm-eval==0.4.13",
             "hypothesis>=6",
             "ruff>=0.6",
             "mkdocs>=1.6",

@@ -75,3 +75,20 @@ def test_stderr_is_the_sample_standard_deviation_over_sqrt_n():
     assert mean == 0.75
     assert stderr == pytest.approx(math.sqrt(0.25) / 2)
     assert mean_and_stderr([]) == (0.0, 0.0)
+
+
+def test_cli_harness_and_task_piqa_agree_on_a_model_folder(tmp_path, piqa_rows):
+    import json
+
+    from robust_sft.cli import main
+    from robust_sft.testing import save_tiny_model
+
+    model = save_tiny_model(str(tmp_path / "model"), seed=5)
+    common = ["--model", model, "--data", str(SHARED_PIQA), "--limit", "6", "--batch-size", "4"]
+    assert main(["eval", "--harness", "piqa", *common, "--output", str(tmp_path / "harness.json")]) == 0
+    assert main(["eval", "--task", "piqa", *common, "--output-dir", str(tmp_path / "ours")]) == 0
+    harness = json.loads((tmp_path / "harness.json").read_text())
+    ours = json.loads((tmp_path / "ours" / "piqa.json").read_text())[model]
+    for key in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr"):
+        assert ours[key] == pytest.approx(harness[key], abs=1e-9), key
+    assert ours["n"] == 6

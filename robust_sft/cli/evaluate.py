@@ -29,6 +29,13 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, help="A LoRA adapter folder to attach.")
     parser.add_argument("--task", choices=EVAL_TASKS, default=None, help="What to measure (see the docs' CLI page).")
     parser.add_argument("--safety", action="store_true", help="Shorthand for --task safety.")
+    parser.add_argument(
+        "--harness",
+        choices=("piqa",),
+        default=None,
+        help="Run lm-evaluation-harness itself on the task (needs `pip install robust_sft[eval]`), with a local task "
+        "definition over --data (no hub); prints acc and acc_norm with their standard errors.",
+    )
     parser.add_argument("--data", "--prompts", dest="data", default=None, help="The task's data file or folder.")
     parser.add_argument("--prompt-field", default=None, help="safety: the prompt column (AdvBench's `goal` is found).")
     parser.add_argument("--robustness", action="store_true", help="sst2/agnews: also under perturbed instructions.")
@@ -54,12 +61,11 @@ def _evaluate(task: str, args: argparse.Namespace, model, tokenizer) -> tuple[di
         result = ev.refusal_rate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
         scores = {key: result[key] for key in ("refusal_rate", "attack_success_rate")}
         return {name: scores}, {**result, "prompts": prompts}
-    if task == "piqa":
+    if task == "piqa":  # lm-eval's prompt and metrics: comparable with published PIQA numbers
         questions = ev.load_piqa(args.data, args.limit)
-        scores = {
-            "accuracy_norm": ev.multiple_choice_accuracy(model, tokenizer, questions, True, args.batch_size),
-            "accuracy": ev.multiple_choice_accuracy(model, tokenizer, questions, False, args.batch_size),
-        }
+        scores = ev.multiple_choice_metrics(
+            ev.multiple_choice_scores(model, tokenizer, questions, batch_size=args.batch_size)
+        )
         return {name: scores}, {}
     if task == "gsm8k":
         rows = ev.load_gsm8k(args.data, args.limit)
@@ -100,6 +106,8 @@ def _evaluate(task: str, args: argparse.Namespace, model, tokenizer) -> tuple[di
     _eval_arguments,
 )
 def run_eval(args: argparse.Namespace) -> int:
+    if args.harness:
+        return _run_harness(args)
     task = "safety" if args.safety else args.task
     if task is None:
         raise UsageError(f"Choose what to evaluate: --task {{{','.join(EVAL_TASKS)}}} (or --safety).")
@@ -126,4 +134,29 @@ def run_eval(args: argparse.Namespace) -> int:
         if task == "safety":
             full.update(results[args.model or "embedded"])
         Path(args.output).write_text(json.dumps(full, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _run_harness(args: argparse.Namespace) -> int:
+    if not args.data:
+        raise UsageError(f"--harness {args.harness} needs --data (e.g. ../shared/data/piqa).")
+    from ..evaluation import load_piqa, run_harness
+    from ..model_cache import embedded_model_dir
+
+    model = args.model
+    if model is None:
+        from ..modeling import ensure_embedded_model
+
+        model = str(ensure_embedded_model())
+    result = run_harness(
+        model, args.harness, load_piqa(args.data, args.limit), adapter=args.adapter, batch_size=args.batch_size
+    )
+    shown = args.model or f"embedded ({embedded_model_dir()})"
+    print(f"lm-eval {args.harness} on {shown}" + (f" + {args.adapter}" if args.adapter else "") + ":")
+    for metric in ("acc", "acc_norm"):
+        print(f"{metric:>10}: {result[metric]:.4f} +- {result[metric + '_stderr']:.4f}")
+    if args.output:
+        from pathlib import Path
+
+        Path(args.output).write_text(json.dumps({"task": args.harness, "model": model, **result}, indent=2))
     return 0

@@ -14,10 +14,19 @@
 - `write_results`: JSON, a markdown table and a PNG bar plot.
 
 Files by concern: `scoring.py` (log-likelihood scoring), `robustness.py`, `metrics.py`, `tasks.py` (loaders over
-local files), `reports.py`. Generation lives in [`robust_sft.generation`], which the trainers use too.
+local files), `reports.py`, `harness.py` (lm-eval's multiple-choice definitions, and lm-eval itself). Generation
+lives in [`robust_sft.generation`], which the trainers use too.
 """
 
 from ..generation import generate_answers, generate_batch
+from .harness import (
+    ChoiceResult,
+    loglikelihoods,
+    mean_and_stderr,
+    multiple_choice_metrics,
+    multiple_choice_scores,
+    run_harness,
+)
 from .metrics import (
     REFUSAL_KEYWORDS,
     effective_rank,
@@ -51,6 +60,12 @@ from .tasks import (
 )
 
 __all__ = [
+    "ChoiceResult",
+    "loglikelihoods",
+    "mean_and_stderr",
+    "multiple_choice_metrics",
+    "multiple_choice_scores",
+    "run_harness",
     "AGNEWS_INSTRUCTION",
     "AGNEWS_LABELS",
     "DISTORTION_BUCKETS",

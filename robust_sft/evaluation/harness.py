@@ -215,7 +215,8 @@ def run_harness(
         name = f"{task}_local"
         write_piqa_task(questions, folder, name)
         if isinstance(model, (str, os.PathLike)):
-            arguments: dict[str, Any] = {"pretrained": str(model), "dtype": "float32"}
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's HFLM assumes CUDA otherwise
+            arguments: dict[str, Any] = {"pretrained": str(model), "dtype": "float32", "device": device}
             if adapter is not None:
                 arguments["peft"] = str(adapter)
             lm = HFLM(**arguments, batch_size=batch_size)
