@@ -223,6 +223,11 @@ def test_resume_from_checkpoint_reaches_the_uninterrupted_weights(name, models_d
 
 
 # ---------------------------------------------------------------------------------------------- defaults, QLoRA
+def checkpointing(model) -> bool:
+    """Whether a layer of the model recomputes its activations (transformers' `gradient_checkpointing` flag)."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+
 @pytest.mark.parametrize("name", SFT_BASED)
 def test_sftconfig_defaults_train_with_gradient_checkpointing(name, models_dir, tmp_path):
     """Only output folder, steps and batch size set: SFTConfig's gradient checkpointing is on and trains to the same
@@ -238,6 +243,7 @@ def test_sftconfig_defaults_train_with_gradient_checkpointing(name, models_dir, 
         name, models_dir, tmp_path / "off", batch_size=2, defaults=True, gradient_checkpointing=False
     )
     plain.train()
+    assert [checkpointing(checkpointed.model), checkpointing(plain.model)] == [True, False]
     assert_same_tensors(after, trained_state(plain), atol=1e-7, what="checkpointing on vs off:")
 
 
