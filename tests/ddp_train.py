@@ -12,6 +12,7 @@ its random start (its draw depends on the local batch shape), seeds fixed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -103,8 +104,8 @@ def _source_split(trainer_class: type, per_device: int) -> type:
 
 
 def _skipping(trainer_class: type, rank: int, call: int) -> type:
-    """ANIT whose adversarial gradient is made non-finite on process `rank` at its `call`-th adversarial step (the
-    real skip path runs from there: `adversarial_deltas` finds the gradient non-finite and returns None)."""
+    """ANIT whose adversarial gradient is non-finite on process `rank` at its `call`-th adversarial step, made so right
+    where the trainer checks it; its own skip path runs from there."""
 
     class Skipping(trainer_class):
         calls = 0
@@ -114,12 +115,24 @@ def _skipping(trainer_class: type, rank: int, call: int) -> type:
             Skipping.local_ratios.append((name, float(total), float(count)))
             super()._log_ratio(name, total, count)
 
-        def adversarial_deltas(self, model, inputs_embeds, *args, **kwargs):
+        def _poisoned(self, tensor):
             Skipping.calls += 1
             if self.accelerator.process_index == rank and Skipping.calls == call:
-                inputs_embeds = inputs_embeds * float("nan")
-            return super().adversarial_deltas(model, inputs_embeds, *args, **kwargs)
+                return tensor * float("nan")
+            return tensor
 
+    if hasattr(trainer_class, "_ascent"):  # the ascent step gets the embedding gradient and checks it
+
+        def _ascent(self, model, gradient, *args, **kwargs):
+            return trainer_class._ascent(self, model, self._poisoned(gradient), *args, **kwargs)
+
+        Skipping._ascent = _ascent
+    else:  # the gradient is taken inside adversarial_deltas, at these embeddings
+
+        def adversarial_deltas(self, model, inputs_embeds, *args, **kwargs):
+            return trainer_class.adversarial_deltas(self, model, self._poisoned(inputs_embeds), *args, **kwargs)
+
+        Skipping.adversarial_deltas = adversarial_deltas
     return Skipping
 
 
@@ -201,8 +214,11 @@ def build_trainer(
     elif name == "taia":
         trainer_class, config, data = TAIATrainer, TAIAConfig(**values), TASK_ROWS
     elif name == "anit":
-        if ddp_layout:
-            values.setdefault("adversarial_init_alpha", 0.0)
+        if ddp_layout:  # no random start (named adversarial_init in later configs)
+            fields = {field.name for field in dataclasses.fields(ANITConfig)}
+            for random_start in ("adversarial_init_alpha", "adversarial_init"):
+                if random_start in fields:
+                    values.setdefault(random_start, 0.0)
         values.setdefault("distortion_metric", "levenshtein")
         trainer_class, config, data = ANITTrainer, ANITConfig(**values), TASK_ROWS
         if anit_skip is not None:

@@ -34,7 +34,7 @@ SCRIPT = Path(__file__).with_name("ddp_train.py")
 DDP_TIMEOUT_S = 420  # two processes importing torch and training 3 tiny steps take ~30 s; a hang waits forever
 # Log entries that measure time or are summed per process, not training.
 VOLATILE = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos"}
-# Metrics each trainer must log on every step (beyond Trainer's loss, grad_norm, learning_rate).
+# Metrics each trainer must log (beyond Trainer's grad_norm and learning_rate).
 METRICS = {
     "sft": {"loss", "entropy", "mean_token_accuracy", "num_tokens"},
     "taia": {"loss", "entropy", "mean_token_accuracy", "num_tokens"},
@@ -143,7 +143,7 @@ def test_two_processes_log_what_one_process_logs(name, models_dir, ddp_run, tmp_
     single = build_trainer(name, models_dir, tmp_path, batch_size=4, ddp_layout=True)
     single.train()
     steps = [entry for entry in logged if "loss" in entry]
-    assert len(steps) == 3 and all(METRICS[name] <= entry.keys() for entry in steps), logged
+    assert len(steps) == 3 and METRICS[name] <= set().union(*steps), logged
     assert_logs_match(logged, single.state.log_history)
     # Adam turns a last-bit difference of a near-zero gradient into a visible one: 1% of one step (lr 1e-2).
     assert_same_tensors(rank0["state"], trained_state(single), atol=1e-4, what="two processes vs one:")
@@ -153,18 +153,20 @@ def test_two_processes_log_what_one_process_logs(name, models_dir, ddp_run, tmp_
 
 @pytest.mark.slow
 def test_anit_step_skipped_on_one_rank_logs_and_finishes(ddp_run):
-    """Rank 1's adversarial gradient is non-finite at step 2: that rank skips the term, both ranks still join every
-    collective (no hang), stay in sync, and the logged adversarial loss of step 2 is rank 0's alone."""
+    """Rank 1's adversarial gradient is non-finite at its second adversarial step: that rank skips the term, both
+    ranks still join every collective (no hang), stay in sync, and the logged adversarial loss of that step is rank
+    0's alone (a fixed-size sum and count, 0 on the skipping rank)."""
     (rank0, rank1), logged = read_run(ddp_run, "anit", "skip")
     assert [rank0["adversarial_skipped"], rank1["adversarial_skipped"]] == [0, 1]
     assert_same_tensors(rank1["state"], rank0["state"], atol=0, what="ranks disagree on")
-    adversarial = [entry["adversarial_loss"] for entry in logged if "loss" in entry]
-    assert len(adversarial) == 3 and all(math.isfinite(value) for value in adversarial)
     local = [[pair for name, *pair in rank["local_ratios"] if name == "adversarial_loss"] for rank in (rank0, rank1)]
-    assert [count for _, count in local[0]] == [1, 1, 1] and [count for _, count in local[1]] == [1, 0, 1]
-    for step, ((total0, _), (total1, count1)) in enumerate(zip(*local)):
-        expected = (total0 + total1) / (1 + count1)
-        assert adversarial[step] == pytest.approx(expected, rel=1e-6), f"step {step + 1}"
+    assert len(local[0]) == len(local[1]) >= 2  # the same collectives on both ranks
+    assert [count for _, count in local[0]] == [1] * len(local[0])
+    assert [count for _, count in local[1]] == [1, 0] + [1] * (len(local[1]) - 2)
+    adversarial = [entry["adversarial_loss"] for entry in logged if "adversarial_loss" in entry]
+    assert len(adversarial) == len(local[0]) and all(math.isfinite(value) for value in adversarial)
+    for index, ((total0, _), (total1, count1)) in enumerate(zip(*local)):  # one micro-batch per step
+        assert adversarial[index] == pytest.approx((total0 + total1) / (1 + count1), rel=1e-6), index
 
 
 # ---------------------------------------------------------------------------------------------- save and reload
