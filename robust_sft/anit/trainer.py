@@ -161,8 +161,10 @@ class ANITTrainer(RobustSFTTrainer):
         if "distortion" in extras:
             self._log_metric("distortion", extras["distortion"].float().mean())
         adversarial = self._adversarial_loss(model, model_inputs, extras, num_items_in_batch)
+        # Logged on every process, with count 0 where the step was skipped: the gather is a collective.
+        share = 0.0 if adversarial is None else self.step_share(adversarial, num_items_in_batch).detach()
+        self._log_ratio("adversarial_loss", share, int(adversarial is not None))
         if adversarial is not None:
-            self._log_metric("adversarial_loss", self.step_share(adversarial, num_items_in_batch))
             loss = loss + self.args.adversarial_weight * adversarial
         self._log_metric("adversarial_skipped", self.adversarial_skipped)
         return (loss, outputs) if return_outputs else loss
