@@ -18,7 +18,7 @@ Files: `noise.py` (the instruction perturbations), `distortion.py` (their semant
 from .config import ANIT_OPERATORS, ANITConfig
 from .distortion import EmbeddingDistortion, SentenceEncoder, describe_perturbations, levenshtein_distortion
 from .noise import OPERATORS, NoiseContext, get_operator, operators_for, perturb
-from .trainer import ANITTrainer, nrm_scale
+from .trainer import ANITTrainer, anit_perturbation, nrm_scale
 
 # The names of earlier releases.
 NoisyInstructionConfig = ANITConfig
@@ -37,6 +37,7 @@ __all__ = [
     "describe_perturbations",
     "get_operator",
     "levenshtein_distortion",
+    "anit_perturbation",
     "nrm_scale",
     "operators_for",
     "perturb",
