@@ -146,13 +146,14 @@ def _anit_values(args: argparse.Namespace) -> dict[str, object]:
         "noise_rate": args.noise_rate,
         "noise_strength": args.noise_strength,
         "distortion_metric": args.distortion_metric,
-        "adversarial_eta": args.adversarial_eta,
         "adversarial_weight": args.adversarial_weight,
         "adversarial_scope": args.adversarial_scope,
         "nrm_map": args.nrm_map,
     }
     if args.noise_operators:
         values["noise_operators"] = args.noise_operators.split(",")
+    if args.adversarial_eta is not None:  # else ANITConfig's default (relative to the embedding scale)
+        values["adversarial_eta"] = args.adversarial_eta
     return values
 
 
@@ -186,7 +187,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     anit.add_argument("--noise-operators", default=None, help="Comma-separated operators (see `robust-sft perturb`).")
     anit.add_argument("--noise-strength", type=float, default=0.2, help="The operators' rate.")
     anit.add_argument("--distortion-metric", choices=["embedding", "levenshtein", "mean"], default="embedding")
-    anit.add_argument("--adversarial-eta", type=float, default=1e-3)
+    anit.add_argument(
+        "--adversarial-eta", type=float, default=None, help="Per-token ascent step, relative to the embedding scale."
+    )
     anit.add_argument("--adversarial-weight", type=float, default=1.0)
     anit.add_argument("--adversarial-scope", choices=["prompt", "instruction", "all"], default="prompt")
     anit.add_argument("--nrm-map", choices=["linear", "exp", "constant"], default="linear")
