@@ -9,7 +9,8 @@
 Without --dataset_path, generated review-sentiment rows are used; without --model_name_or_path, the embedded
 SmolLM2-135M-Instruct. After training, label accuracy on held-out rows is reported with clean instructions and with
 each evaluation operator's perturbation, as PDR = 1 - perturbed / clean. Ablations: --use_noise false (adversarial
-only), --use_adversarial false (noisy instructions only).
+only), --use_adversarial false (noisy instructions only), --adversarial_eta 0 (the random start only, NEFTune-like).
+--noise_per_epoch true redraws the noisy instructions every epoch.
 """
 
 import json

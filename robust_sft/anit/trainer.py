@@ -106,7 +106,7 @@ class _EpochNoise(torch.utils.data.Dataset):
         return self.rows[index]
 
     def __getitems__(self, indices):
-        return [self.rows[index] for index in indices]
+        return self.rows.__getitems__(indices)
 
 
 class _EpochNoiseCallback(TrainerCallback):
@@ -212,23 +212,20 @@ class ANITTrainer(RobustSFTTrainer):
         scope = args.adversarial_scope
         if scope == "all" or not isinstance(dataset, Dataset):
             return
-        if scope == "prompt":
-            counts = [sum(label == -100 for label in labels) for labels in dataset["labels"]]
-        else:
-            counts = [sum(mask) for mask in dataset["instruction_mask"]]
-        empty = sum(count == 0 for count in counts)
-        if empty == len(counts):
-            fix = {
-                "prompt": "give rows with a prompt that is not trained (prompt/completion, Alpaca or messages rows "
-                "with the completion-only loss)",
-                "instruction": "give rows with an instruction (an Alpaca `instruction`, a user turn, a `prompt`)",
-            }[scope]
-            raise ValueError(
-                f"No training row has a token in adversarial_scope='{scope}', so the adversarial term would only "
-                f"repeat the clean loss. Either {fix}, or set adversarial_scope='all' (or use_adversarial=False)."
-            )
-        if empty:
-            logger.info("ANIT: %d of %d training rows have no token in scope '%s'.", empty, len(counts), scope)
+        column = "labels" if scope == "prompt" else "instruction_mask"
+        for row in dataset.select_columns([column]):  # stops at the first row with a token to perturb
+            values = row[column]
+            if (-100 in values) if scope == "prompt" else any(values):
+                return
+        fix = {
+            "prompt": "give rows with a prompt that is not trained (prompt/completion, Alpaca or messages rows with "
+            "the completion-only loss)",
+            "instruction": "give rows with an instruction (an Alpaca `instruction`, a user turn, a `prompt`)",
+        }[scope]
+        raise ValueError(
+            f"No training row has a token in adversarial_scope='{scope}', so the adversarial term would only repeat "
+            f"the clean loss. Either {fix}, or set adversarial_scope='all' (or use_adversarial=False)."
+        )
 
     def _instruction_transform(self, dataset: Dataset, dataset_name: str):
         if "noisy_instruction" not in dataset.column_names:
