@@ -180,7 +180,7 @@ def step_probe(args) -> dict:
     model = trainer.model
     model.train()
     scale = trainer.embedding_scale(model)
-    sizes = [0.0, 0.03, 0.1, 0.3, 1.0]
+    sizes = [0.0, *args.probe_sizes]
     totals = {"clean": 0.0, **{f"ascent {size}": 0.0 for size in sizes}, **{f"random {size}": 0.0 for size in sizes}}
     token_norms = []
     for start in range(0, len(trainer.train_dataset), 8):
@@ -240,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=0.3, help="The evaluation operators' rate.")
     parser.add_argument("--step-probe", action="store_true", help="Measure the ascent step's effect; no training.")
     parser.add_argument("--probe-batches", type=int, default=2, help="Batches of 8 rows for --step-probe.")
+    parser.add_argument(
+        "--probe-sizes", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1], help="Per-token sizes to probe."
+    )
     args = parser.parse_args(argv)
     args.train_rows = args.train_rows or (16 if args.quick else 256)
     args.eval_rows = args.eval_rows or (8 if args.quick else 500)
