@@ -555,13 +555,12 @@ class ANITTrainer(RobustSFTTrainer):
                 clean_backward = self._backward_loss(clean, num_items_in_batch)
                 self._backward(clean_backward)
             self._log_step(clean, extras, num_items_in_batch)
-            gradient = state["probe"].grad
-            state.clear()
-            delta1 = self._ascent(model, gradient, inputs)
-            weight = self.args.adversarial_weight
-            if delta1 is None and self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
+            probe = state.pop("probe")
+            delta1 = self._ascent(model, probe.grad, inputs)
+            skipped, weight = delta1 is None, self.args.adversarial_weight
+            if skipped and self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
                 # Every process must run the reducing backward: a zero-weighted pass at the clean embeddings.
-                delta1, weight = torch.zeros_like(gradient), 0.0
+                delta1, weight = torch.zeros_like(probe), 0.0
             total, adversarial = clean_backward.detach(), None
             if delta1 is not None:
                 with self.compute_loss_context_manager():
@@ -569,5 +568,5 @@ class ANITTrainer(RobustSFTTrainer):
                 adversarial_backward = self._backward_loss(weight * adversarial, num_items_in_batch)
                 self._backward(adversarial_backward)
                 total = total + adversarial_backward.detach()
-            self._log_adversarial(adversarial if weight else None, num_items_in_batch)
+            self._log_adversarial(None if skipped else adversarial, num_items_in_batch)
             return total
