@@ -100,12 +100,16 @@ class TRLLossMixin:
 
     def step_share(self, loss: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
         """A micro-batch's normalised loss as the whole step's loss would read, for logging: normalised by the step's
-        tokens it is a share of that loss; times the number of micro-batches, the logged mean is the step's loss."""
+        tokens it is a share of that loss; times the number of micro-batches, the logged mean is the step's loss.
+
+        The loss already carries TRL's factor of the number of processes, so the mean over processes that
+        `_log_metric` takes is the step's loss (as Trainer's own logged loss): it must not be divided again.
+        """
         if num_items_in_batch is None:
             return loss
         # Set by Trainer's loop; a direct compute_loss call falls back to the configured accumulation.
         scale = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        return loss * scale / self._process_factor(num_items_in_batch)
+        return loss * scale
 
     def _log_metric(self, name: str, value: torch.Tensor | float) -> None:
         """Record a scalar for the next log line, averaged over processes (as SFTTrainer does for its metrics).

@@ -580,3 +580,74 @@ def test_cli_train_anit_and_perturb(tmp_path, capsys):
     assert rows[1]["levenshtein"] == pytest.approx(round(len(" review positive?") / len("Is the review positive?"), 4))
     assert main(["perturb", "Sort the list.", "--operators", "cut"]) == 0
     assert "cut" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+DDP_SCRIPT = """
+import sys
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+
+from robust_sft.anit import ANITConfig, ANITTrainer
+from robust_sft.testing import make_tiny_model, make_tiny_tokenizer
+
+output_dir, batch_size = sys.argv[1], int(sys.argv[2])
+torch.set_num_threads(1)
+tokenizer = make_tiny_tokenizer()
+rows = [
+    {"instruction": f"Classify the sentiment of review {i} as positive or negative.", "input": "a great film"
+     if i % 2 else "a dull film", "output": "positive" if i % 2 else "negative"}
+    for i in range(8)
+]
+for passes in ("two", "one"):
+    args = ANITConfig(
+        output_dir=f"{output_dir}/{passes}", max_steps=2, per_device_train_batch_size=batch_size, optim="sgd",
+        learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, adversarial_init=0.0, adversarial_every=1,
+        adversarial_passes=passes, distortion_metric="levenshtein", report_to=[], save_strategy="no",
+        gradient_checkpointing=False, seed=0, logging_steps=1,
+    )
+    trainer = ANITTrainer(
+        model=make_tiny_model("llama", tokenizer, seed=0), args=args, train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer, peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+        target_modules="all-linear"),
+    )
+    trainer.train()
+    weights = {n: p.detach().cpu() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    rank = trainer.accelerator.process_index
+    torch.save({"weights": weights, "log": trainer.state.log_history}, f"{output_dir}/{passes}-rank{rank}.pt")
+"""
+
+
+def test_ddp_two_processes_of_two_rows_equal_one_process_of_four(tmp_path):
+    """DDP stays exact: 2 processes x batch 2 train the same weights as 1 process x batch 4 (same rows per step),
+    for the two-pass step and the single-backward path, with the adversarial term on every step."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from .test_distributed import _free_port
+
+    script = tmp_path / "anit_ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    accelerate = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+              "--main_process_port", str(_free_port())]  # fmt: skip
+    for command, folder in (([*launch, str(script)], "ddp"), ([sys.executable, str(script)], "single")):
+        (tmp_path / folder).mkdir()
+        size = "2" if folder == "ddp" else "4"
+        result = subprocess.run([*command, str(tmp_path / folder), size], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    for passes in ("two", "one"):
+        single = torch.load(tmp_path / "single" / f"{passes}-rank0.pt")
+        ranks = [torch.load(tmp_path / "ddp" / f"{passes}-rank{rank}.pt") for rank in (0, 1)]
+        for name, tensor in single["weights"].items():
+            assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), name
+            torch.testing.assert_close(ranks[0]["weights"][name], tensor, rtol=1e-5, atol=1e-6)
+        for ddp_entry, single_entry in zip(ranks[0]["log"][:2], single["log"][:2]):
+            for metric in ("loss", "clean_loss", "adversarial_loss"):
+                assert ddp_entry[metric] == pytest.approx(single_entry[metric], rel=1e-5), (passes, metric)
