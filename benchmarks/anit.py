@@ -1,21 +1,26 @@
-"""ANIT vs plain SFT, NEFTune and noise-only on SST-2 instruction classification: clean accuracy and PDR.
+"""ANIT vs plain SFT, NEFTune, noise only and ANIT with eta = 0 on SST-2 instruction classification: clean accuracy,
+accuracy under perturbed instructions and PDR, mean and 95% confidence interval over seeds.
 
-    python benchmarks/anit.py                  # embedded SmolLM2-135M-Instruct, 256 train / 100 eval rows, seed 0
-    python benchmarks/anit.py --seeds 0 1 2    # several seeds: mean and spread
+    python benchmarks/anit.py --seeds 0 1 2    # embedded SmolLM2-135M-Instruct, 256 train / 500 eval rows per seed
+    python benchmarks/anit.py --step-probe     # the measurement behind ANIT's step-size defaults (no training)
     python benchmarks/anit.py --quick          # tiny in-process model, a few rows (the CI smoke run)
 
 Every configuration trains LoRA (r=16, all linear layers) from the same base model on the same SST-2 rows, in the
-same order, for the same number of steps, and is scored on the same held-out rows with clean instructions and with
-each perturbation operator (seeded per row, so every model sees the same noisy instructions). Writes
-`results/anit[-quick].json`, `.md` and `.png` (PDR per operator).
+same order, for the same number of steps, and is scored on the same held-out rows (>= 500 in the full run) with clean
+instructions and with each perturbation operator (seeded per row, so every model sees the same noisy instructions).
+The interval is the t-interval of the mean over seeds (none for a single seed). Writes `results/anit[-quick].json`,
+`anit[-quick]-summary.md` and `anit[-quick]-summary.png` (each metric's mean with its interval).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 import time
+from pathlib import Path
 
-from common import SHARED_DATA, benchmark_parser, finish, load_benchmark_model, training_args
+from common import SHARED_DATA, benchmark_parser, load_benchmark_model, machine, training_args, write_report
 
 OPERATORS = [
     "char_substitute",
@@ -25,7 +30,24 @@ OPERATORS = [
     "irrelevant_append",
     "distracting_context",
 ]
-CONFIGURATIONS = ["base (no training)", "SFT", "NEFTune (alpha 5)", "noise only", "ANIT"]
+CONFIGURATIONS = ["base (no training)", "SFT", "NEFTune (alpha 5)", "noise only", "ANIT eta=0", "ANIT"]
+METRICS = ("clean_accuracy", "perturbed_accuracy", "mean_pdr", "train_seconds")
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (1..30); 1.96 beyond.
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
+         2.042]  # fmt: skip
+
+
+def mean_and_interval(values: list[float]) -> dict[str, float | None]:
+    """Mean and the 95% t-interval of the mean (`low`/`high` are None for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "low": None, "high": None, "n": n}
+    deviation = math.sqrt(sum((value - mean) ** 2 for value in values) / (n - 1))
+    half = (T_975[n - 2] if n - 1 <= len(T_975) else 1.96) * deviation / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
 
 
 def build_trainer(name: str, model, tokenizer, rows, steps: int, seed: int, quick: bool):
@@ -50,16 +72,17 @@ def build_trainer(name: str, model, tokenizer, rows, steps: int, seed: int, quic
         trainer_class, config = RobustSFTTrainer, RobustSFTConfig(**common)
     elif name.startswith("NEFTune"):
         trainer_class, config = RobustSFTTrainer, RobustSFTConfig(**common, neftune_noise_alpha=5.0)
-    else:
-        anit = dict(noise_rate=0.5, adversarial_eta=2e-3, distortion_metric="levenshtein" if quick else "embedding")
+    else:  # ANIT at its defaults (step, ball, schedule), the paper's noise rate for classification
+        anit = dict(noise_rate=0.5, distortion_metric="levenshtein" if quick else "embedding")
         if name == "noise only":
             anit["use_adversarial"] = False
+        elif name == "ANIT eta=0":
+            anit["adversarial_eta"] = 0.0
         trainer_class, config = ANITTrainer, ANITConfig(**common, **anit)
     return trainer_class(model=model, args=config, train_dataset=rows, processing_class=tokenizer, peft_config=lora)
 
 
 def run_seed(seed: int, args) -> dict[str, dict]:
-
     from robust_sft.evaluation import SST2_LABELS, load_sst2, perturbation_robustness
 
     train_rows = load_sst2(SHARED_DATA / "sst2" / "train.tsv", args.train_rows, seed=seed, min_words=6)
@@ -84,6 +107,7 @@ def run_seed(seed: int, args) -> dict[str, dict]:
             "perturbed_accuracy": sum(perturbed) / len(perturbed),
             "mean_pdr": sum(scores[op]["pdr"] for op in operators) / len(operators),
             "train_seconds": train_seconds,
+            "eval_rows": len(eval_rows),
             "scores": scores,
         }
         print(
@@ -92,24 +116,170 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     return results
 
 
+def summary_table(summary: dict[str, dict[str, dict]]) -> str:
+    lines = [
+        "| configuration | " + " | ".join(METRICS) + " |",
+        "|---" * (len(METRICS) + 1) + "|",
+    ]
+    for name, metrics in summary.items():
+        cells = []
+        for metric in METRICS:
+            value = metrics[metric]
+            interval = f" [{value['low']:.3f}, {value['high']:.3f}]" if value["low"] is not None else ""
+            cells.append(f"{value['mean']:.3f}{interval}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_plot(summary: dict[str, dict[str, dict]], path, title: str) -> None:
+    """One panel per accuracy metric: each configuration's mean with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    metrics = ("clean_accuracy", "perturbed_accuracy", "mean_pdr")
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
+    for axis, metric in zip(axes, metrics):
+        means = [summary[name][metric]["mean"] for name in names]
+        errors = [
+            [mean - (summary[name][metric]["low"] if summary[name][metric]["low"] is not None else mean) for
+             name, mean in zip(names, means)],
+            [(summary[name][metric]["high"] if summary[name][metric]["high"] is not None else mean) - mean for
+             name, mean in zip(names, means)],
+        ]  # fmt: skip
+        axis.bar(range(len(names)), means, yerr=errors, capsize=3)
+        axis.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        axis.set_title(metric, fontsize=10)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------------- step probe
+def step_probe(args) -> dict:
+    """The losses behind ANIT's step defaults: on one training batch of the embedded model, the clean loss, the loss
+    after an ascent step of each size, and after a random perturbation of the same per-token norm."""
+    import torch
+    from peft import LoraConfig
+
+    from robust_sft import ANITConfig, ANITTrainer
+    from robust_sft.anit.trainer import anit_perturbation
+    from robust_sft.evaluation import load_sst2
+    from robust_sft.trl_internals import muted_metrics
+
+    model, tokenizer = load_benchmark_model(args.quick, 0)
+    rows = load_sst2(SHARED_DATA / "sst2" / "train.tsv", 8 * args.probe_batches, seed=0, min_words=6)
+    config = ANITConfig(
+        **training_args("anit-probe", 0, max_steps=1, max_length=256), use_noise=False, distortion_metric="levenshtein"
+    )
+    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
+    trainer = ANITTrainer(model=model, args=config, train_dataset=rows, processing_class=tokenizer, peft_config=lora)
+    model = trainer.model
+    model.train()
+    scale = trainer.embedding_scale(model)
+    sizes = [0.0, *args.probe_sizes]
+    totals = {"clean": 0.0, **{f"ascent {size}": 0.0 for size in sizes}, **{f"random {size}": 0.0 for size in sizes}}
+    token_norms = []
+    for start in range(0, len(trainer.train_dataset), 8):
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(start, start + 8)])
+        batch = trainer._prepare_inputs(batch)
+        with trainer.perturbed_embeddings(model) as state, muted_metrics(trainer):
+            clean = trainer._clean_loss(model, dict(batch))
+        (gradient,) = torch.autograd.grad(clean, state["probe"])
+        mask = trainer.perturbation_mask(batch)
+        with torch.no_grad():
+            embeds = model.get_input_embeddings()(batch["input_ids"])
+            token_norms.append(embeds.norm(dim=-1)[mask.bool()])
+        radius = torch.full((gradient.shape[0],), scale)
+        totals["clean"] += clean.item()
+        for size in sizes:
+            for kind, (init, eta) in (("ascent", (0.0, size)), ("random", (size, 0.0))):
+                if size == 0.0 and kind == "random":
+                    continue
+                _, delta = anit_perturbation(gradient, mask, radius, init=init, eta=eta, epsilon=max(size, 1e-12))
+                with torch.no_grad(), trainer.perturbed_embeddings(model, delta), muted_metrics(trainer):
+                    totals[f"{kind} {size}"] += trainer._clean_loss(model, dict(batch)).item()
+    batches = math.ceil(len(trainer.train_dataset) / 8)
+    losses = {name: value / batches for name, value in totals.items() if not name == "random 0.0"}
+    clean = losses["clean"]
+    table = [
+        {
+            "size": size,
+            "ascent_loss": losses[f"ascent {size}"],
+            "random_loss": losses.get(f"random {size}", clean),
+            "ascent_increase": losses[f"ascent {size}"] / clean - 1,
+            "random_increase": losses.get(f"random {size}", clean) / clean - 1,
+        }
+        for size in sizes
+    ]
+    report = {
+        "benchmark": "anit-step-probe",
+        "command": "python benchmarks/anit.py --step-probe" + (" --quick" if args.quick else ""),
+        "machine": machine(),
+        "model": "tiny llama (robust_sft.testing)" if args.quick else "SmolLM2-135M-Instruct (embedded)",
+        "batches": batches,
+        "embedding_scale_vocabulary_mean": scale,
+        "prompt_token_norm_mean": torch.cat(token_norms).mean().item(),
+        "clean_loss": clean,
+        "per_token_size_relative_to_scale": table,
+    }
+    suffix = "-quick" if args.quick else ""
+    write_report(args.output_dir, f"anit-step-probe{suffix}", report)
+    print(json.dumps(report, indent=2))
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--train-rows", type=int, default=None)
-    parser.add_argument("--eval-rows", type=int, default=None)
+    parser.add_argument("--eval-rows", type=int, default=None, help="Held-out rows (each scored per operator).")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--rate", type=float, default=0.3, help="The evaluation operators' rate.")
+    parser.add_argument("--step-probe", action="store_true", help="Measure the ascent step's effect; no training.")
+    parser.add_argument("--probe-batches", type=int, default=2, help="Batches of 8 rows for --step-probe.")
+    parser.add_argument(
+        "--probe-sizes", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1], help="Per-token sizes to probe."
+    )
     args = parser.parse_args(argv)
     args.train_rows = args.train_rows or (16 if args.quick else 256)
-    args.eval_rows = args.eval_rows or (8 if args.quick else 100)
+    args.eval_rows = args.eval_rows or (8 if args.quick else 500)
     args.steps = args.steps or (2 if args.quick else args.train_rows // 8)
 
     import torch
 
     torch.set_num_threads(2)
+    if args.step_probe:
+        step_probe(args)
+        return 0
     per_seed = {seed: run_seed(seed, args) for seed in args.seeds}
-    metrics = ("clean_accuracy", "perturbed_accuracy", "mean_pdr", "train_seconds")
-    facts = dict(train_rows=args.train_rows, eval_rows=args.eval_rows, steps=args.steps, eval_rate=args.rate)
-    finish("anit", args, argv, per_seed, CONFIGURATIONS, metrics, "mean_pdr", **facts)
+    summary = {
+        name: {metric: mean_and_interval([per_seed[seed][name][metric] for seed in args.seeds]) for metric in METRICS}
+        for name in CONFIGURATIONS
+    }
+    suffix = "-quick" if args.quick else ""
+    report = {
+        "benchmark": "anit",
+        "command": ("python benchmarks/anit.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip(),
+        "machine": machine(),
+        "model": "tiny llama (robust_sft.testing)" if args.quick else "SmolLM2-135M-Instruct (embedded)",
+        "train_rows": args.train_rows,
+        "eval_rows": args.eval_rows,
+        "steps": args.steps,
+        "eval_rate": args.rate,
+        "operators": OPERATORS[:2] if args.quick else OPERATORS,
+        "seeds": args.seeds,
+        "interval": "95% t-interval of the mean over seeds",
+        "summary": summary,
+        "per_seed": per_seed,
+    }
+    write_report(args.output_dir, f"anit{suffix}", report)
+    output_dir = Path(args.output_dir)
+    (output_dir / f"anit{suffix}-summary.md").write_text(summary_table(summary))
+    summary_plot(summary, output_dir / f"anit{suffix}-summary.png", f"ANIT on SST-2, seeds {args.seeds}")
+    print(summary_table(summary))
     return 0
 
 

@@ -10,7 +10,8 @@ The flags are those of `robust-sft train anit` (the same parser, robust_sft.cli.
 Without --dataset_name, generated review-sentiment rows are used; without --model_name_or_path, the embedded
 SmolLM2-135M-Instruct. After training, label accuracy on held-out rows is reported with clean instructions and with
 each evaluation operator's perturbation, as PDR = 1 - perturbed / clean. Ablations: --use_noise false (adversarial
-only), --use_adversarial false (noisy instructions only).
+only), --use_adversarial false (noisy instructions only), --adversarial_eta 0 (the random start only, NEFTune-like).
+--noise_per_epoch true redraws the noisy instructions every epoch.
 """
 
 import json

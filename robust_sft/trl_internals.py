@@ -5,6 +5,8 @@
 - The loss normalisation: TRL's loss is a token sum divided by `num_items_in_batch` (the tokens of the whole optimiser
   step, over every process when `average_tokens_across_devices`), then multiplied by the number of processes, because
   DDP averages gradients over them. An extra loss term must be normalised the same way.
+- The metrics: `SFTTrainer.compute_loss` records entropy, token accuracy and the token count on every call; an extra
+  pass over the same batch runs it inside [`muted_metrics`].
 - The forward patch: `add_fused_lm_head` stores a closure over the *original* model's forward on the instance; a deep
   copy keeps that closure, so the copy would silently run the original's weights.
 
@@ -58,6 +60,26 @@ def captured_outputs(model: nn.Module) -> Iterator[list[Any]]:
 def fused_output(captured: list[Any]) -> Any | None:
     """The first captured output that carries fused per-token log-probabilities, or None."""
     return next((output for output in captured if getattr(output, "log_probs", None) is not None), None)
+
+
+@contextmanager
+def muted_metrics(trainer: Any) -> Iterator[None]:
+    """Run `SFTTrainer.compute_loss` again on a batch without recording its metrics a second time.
+
+    TRL 1.16 appends `entropy` and `mean_token_accuracy` to `trainer._metrics[mode]` and adds the batch's tokens to
+    `trainer._total_train_tokens` (the logged `num_tokens`) on every call; both are restored when the block ends.
+    Its collectives still run, the same number of times on every process.
+    """
+    saved = {mode: {name: list(values) for name, values in kept.items()} for mode, kept in trainer._metrics.items()}
+    tokens = getattr(trainer, "_total_train_tokens", None)
+    try:
+        yield
+    finally:
+        for mode, metrics in trainer._metrics.items():
+            metrics.clear()
+            metrics.update(saved.get(mode, {}))
+        if tokens is not None:
+            trainer._total_train_tokens = tokens
 
 
 class TRLLossMixin:

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 
 
@@ -36,16 +38,23 @@ def test_cost_quick(tmp_path):
 
 
 def test_anit_quick(tmp_path):
-    run_benchmark("anit.py", tmp_path)
+    run_benchmark("anit.py", tmp_path, "--seeds", "0", "1")
     report = json.loads((tmp_path / "anit-quick.json").read_text())
-    assert list(report["summary"]) == ["base (no training)", "SFT", "NEFTune (alpha 5)", "noise only", "ANIT"]
+    rows = ["base (no training)", "SFT", "NEFTune (alpha 5)", "noise only", "ANIT eta=0", "ANIT"]
+    assert list(report["summary"]) == rows
     for name, metrics in report["summary"].items():
         assert set(metrics) == {"clean_accuracy", "perturbed_accuracy", "mean_pdr", "train_seconds"}, name
-        assert 0.0 <= metrics["clean_accuracy"]["mean"] <= 1.0
+        clean = metrics["clean_accuracy"]
+        values = [report["per_seed"][seed][name]["clean_accuracy"] for seed in ("0", "1")]
+        assert clean["n"] == 2 and clean["mean"] == sum(values) / 2 and 0.0 <= clean["mean"] <= 1.0
+        # the 95% t-interval of two values: mean -/+ 12.706 * sd / sqrt(2) = mean -/+ 12.706 * |a - b| / 2
+        half = 12.706 * abs(values[0] - values[1]) / 2
+        assert (clean["low"], clean["high"]) == pytest.approx((clean["mean"] - half, clean["mean"] + half))
     assert report["summary"]["base (no training)"]["train_seconds"]["mean"] == 0.0
     seed_scores = report["per_seed"]["0"]["ANIT"]["scores"]
     assert {"clean", "char_substitute", "keyboard_typo"} <= set(seed_scores)
     assert (tmp_path / "anit-quick-summary.png").is_file()
+    assert (tmp_path / "anit-quick-summary.md").read_text().count("\n") == len(rows) + 2
 
 
 def test_taia_quick(tmp_path):

@@ -5,11 +5,12 @@ Two parts, each can be switched off for the ablations:
 1. Noisy instructions: with probability `noise_rate`, an example's instruction (the instruction span found by the
    shared data layer; the answer is untouched) is replaced by a perturbed copy from one of `noise_operators`
    ([`robust_sft.anit.noise`]); each example carries the semantic distortion of its instruction (0 when clean).
-2. Adversarial embedding perturbation with the Noise Response Method: from a random start on the input embeddings
-   (NEFTune's scale), one normalised gradient-ascent step whose size grows with the example's distortion,
-   `eta_i = adversarial_eta * h(d_i)`, applied to the prompt tokens only by default. The loss is
-   `clean + adversarial_weight * adversarial`, both normalised like TRL 1.16's loss (token sum / tokens in the
-   global batch), so gradient accumulation gives the same result as one large batch.
+2. Adversarial embedding perturbation with the Noise Response Method: on every `adversarial_every`-th step, a random
+   start and one per-token normalised ascent step on the input embeddings of the prompt tokens (by default), sized
+   relative to the model's embedding scale and projected onto a per-token ball, every length multiplied by
+   `h(d_i)` for an example of distortion `d_i`. The loss is `clean + adversarial_weight * adversarial`, both TRL
+   1.16's own loss (token sum / tokens in the global batch, its loss type), computed in two forward and two backward
+   passes with one graph alive at a time, the ascent gradient coming from the clean term's backward.
 
 Files: `noise.py` (the instruction perturbations), `distortion.py` (their semantic distortion), `config.py`,
 `trainer.py`.
@@ -18,7 +19,7 @@ Files: `noise.py` (the instruction perturbations), `distortion.py` (their semant
 from .config import ANIT_OPERATORS, ANITConfig
 from .distortion import EmbeddingDistortion, SentenceEncoder, describe_perturbations, levenshtein_distortion
 from .noise import OPERATORS, NoiseContext, get_operator, operators_for, perturb
-from .trainer import ANITTrainer, nrm_scale
+from .trainer import ANITTrainer, anit_perturbation, nrm_scale
 
 # The names of earlier releases.
 NoisyInstructionConfig = ANITConfig
@@ -37,6 +38,7 @@ __all__ = [
     "describe_perturbations",
     "get_operator",
     "levenshtein_distortion",
+    "anit_perturbation",
     "nrm_scale",
     "operators_for",
     "perturb",
