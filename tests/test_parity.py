@@ -132,29 +132,33 @@ def assert_parity(output_dir, template, train, markers=False, eval_dataset=None,
 
 
 # ------------------------------------------------------------------------------------------------ text formats
-def test_text_rows_get_eos(output_dir):
-    reference, ours = assert_parity(output_dir, "chatml", Dataset.from_list(ROWS["text"]))
+@pytest.mark.parametrize("template", CHAT_TEMPLATE_NAMES)
+def test_text_rows_get_eos(output_dir, template):
+    reference, ours = assert_parity(output_dir, template, Dataset.from_list(ROWS["text"]))
     row = ours.train_dataset[0]
     assert row["input_ids"][-1] == ours.processing_class.eos_token_id
     assert row["labels"] == row["input_ids"]  # language modelling: every token trains
 
 
-def test_dataset_text_field(output_dir):
-    assert_parity(output_dir, "llama3", Dataset.from_list(ROWS["text_field"]), dataset_text_field="body")
+@pytest.mark.parametrize("template", CHAT_TEMPLATE_NAMES)
+def test_dataset_text_field(output_dir, template):
+    assert_parity(output_dir, template, Dataset.from_list(ROWS["text_field"]), dataset_text_field="body")
 
 
-def test_formatting_func(output_dir):
+@pytest.mark.parametrize("template", CHAT_TEMPLATE_NAMES)
+def test_formatting_func(output_dir, template):
     def formatting_func(row):
         return f"Q: {row['question']}\nA: {row['answer']}"
 
-    assert_parity(output_dir, "chatml", Dataset.from_list(ROWS["qa"]), formatting_func=formatting_func)
+    assert_parity(output_dir, template, Dataset.from_list(ROWS["qa"]), formatting_func=formatting_func)
 
 
+@pytest.mark.parametrize("template", CHAT_TEMPLATE_NAMES)
 @pytest.mark.parametrize("completion_only_loss", [None, False])
-def test_prompt_completion_text(output_dir, completion_only_loss):
+def test_prompt_completion_text(output_dir, completion_only_loss, template):
     _, ours = assert_parity(
         output_dir,
-        "mistral",
+        template,
         Dataset.from_list(ROWS["prompt_completion_text"]),
         completion_only_loss=completion_only_loss,
     )
@@ -204,13 +208,13 @@ def test_tools_reach_the_template(output_dir):
     assert "Today Date: 26 Jul 2024" in ours.processing_class.decode(ours.train_dataset[0]["input_ids"])
 
 
-@pytest.mark.parametrize("template", ["chatml", "phi3"])
+@pytest.mark.parametrize("template", CHAT_TEMPLATE_NAMES)
 def test_iterable_dataset(output_dir, template):
     train = Dataset.from_list(ROWS["messages_multi"]).to_iterable_dataset()
     assert_parity(output_dir, template, train, max_steps=1)
 
 
-@pytest.mark.parametrize("template", ["gemma", "qwen2.5"])
+@pytest.mark.parametrize("template", CHAT_TEMPLATE_NAMES)
 def test_dataset_dict_of_eval_sets(output_dir, template):
     evals = DatasetDict(
         {
