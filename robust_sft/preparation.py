@@ -77,6 +77,13 @@ def _load_datasets(source: Any, argument: str) -> Any:
     )
 
 
+def _dataset_key(dataset: Any) -> Any:
+    """What identifies a dataset's rows: a `Dataset`'s fingerprint (changed by every map, filter or new column), else
+    the object itself (a stream)."""
+    fingerprint = getattr(dataset, "_fingerprint", None) if isinstance(dataset, Dataset) else None
+    return ("fingerprint", fingerprint) if fingerprint is not None else ("object", id(dataset))
+
+
 def _first_row(dataset: Dataset | IterableDataset | None) -> dict[str, Any] | None:
     return None if dataset is None else next(iter(dataset), None)
 
@@ -99,17 +106,36 @@ class DataPreparationMixin:
             self._check_formatting_func(dataset, formatting_func, dataset_name)
             return dataset
         data_format = detect_format(columns, args.dataset_text_field)
+        self._check_rows_once(dataset, data_format, args, self._example_fields, dataset_name)
+        if data_format == "alpaca":
+            dataset = alpaca_to_conversational(dataset)
+            self._remember_checked(dataset, self._example_fields)  # valid by construction from checked rows
+        return dataset
+
+    def _check_rows_once(
+        self, dataset: Any, data_format: str, args: SFTConfig, example_fields: tuple[str, ...], dataset_name: str
+    ) -> None:
+        """`check_rows` (a Python loop over every row), skipped for a dataset already checked for these fields: the
+        rows checked in `__init__` reach `_prepare_dataset` unchanged, and a dataset passed later (e.g. to
+        `evaluate`) has another fingerprint, so it is checked."""
+        checked = getattr(self, "_checked_datasets", {}).get(_dataset_key(dataset))
+        if checked is not None and set(example_fields) <= checked[1]:
+            return
         check_rows(
             dataset,
             data_format,
             dataset_name=dataset_name,
             text_field=args.dataset_text_field,
-            example_fields=self._example_fields,
+            example_fields=example_fields,
             limit=None if isinstance(dataset, Dataset) else STREAM_CHECK_ROWS,
         )
-        if data_format == "alpaca":
-            dataset = alpaca_to_conversational(dataset)
-        return dataset
+        self._remember_checked(dataset, example_fields)
+
+    def _remember_checked(self, dataset: Any, example_fields: tuple[str, ...]) -> None:
+        if not hasattr(self, "_checked_datasets"):
+            self._checked_datasets: dict[Any, tuple[Any, frozenset[str]]] = {}
+        # The dataset is kept with its key, so an `id` key is never reused by another object.
+        self._checked_datasets[_dataset_key(dataset)] = (dataset, frozenset(example_fields))
 
     @staticmethod
     def _check_formatting_func(dataset: Any, formatting_func: Any, dataset_name: str) -> None:
@@ -194,14 +220,7 @@ class DataPreparationMixin:
             return dataset, "text"
         is_dataset = isinstance(dataset, Dataset)
         data_format = detect_format(column_names(dataset), args.dataset_text_field)
-        check_rows(
-            dataset,
-            data_format,
-            dataset_name=dataset_name,
-            text_field=args.dataset_text_field,
-            example_fields=self._keep_columns(dataset, dataset_name),
-            limit=None if is_dataset else STREAM_CHECK_ROWS,
-        )
+        self._check_rows_once(dataset, data_format, args, self._keep_columns(dataset, dataset_name), dataset_name)
         if data_format == "alpaca":
             dataset, data_format = alpaca_to_conversational(dataset), "prompt_completion"
         conversational = is_conversational(_first_row(dataset))

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import is_conversational
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+from trl.trainer.utils import global_then_local_main_first
 
 from .config import RobustSFTConfig, apply_device_defaults  # noqa: F401 (the method configs import them from here)
 from .data import (
@@ -87,18 +88,22 @@ class RobustSFTTrainer(TRLLossMixin, DataPreparationMixin, SFTTrainer):
         formatting_func = kwargs.get("formatting_func")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
-        train_dataset = self._check_and_convert(_load_datasets(train_dataset, "train_dataset"), args, formatting_func)
-        if isinstance(eval_dataset, dict):  # a DatasetDict too: one eval set per name
-            eval_dataset = {
-                name: self._check_and_convert(
-                    _load_datasets(value, f"eval_dataset[{name!r}]"), args, formatting_func, name
-                )
-                for name, value in eval_dataset.items()
-            }
-        elif eval_dataset is not None:
-            eval_dataset = self._check_and_convert(
-                _load_datasets(eval_dataset, "eval_dataset"), args, formatting_func, "eval"
+        # Loading and the Alpaca conversion write the datasets cache: the main process first, as TRL prepares.
+        with global_then_local_main_first():
+            train_dataset = self._check_and_convert(
+                _load_datasets(train_dataset, "train_dataset"), args, formatting_func
             )
+            if isinstance(eval_dataset, dict):  # a DatasetDict too: one eval set per name
+                eval_dataset = {
+                    name: self._check_and_convert(
+                        _load_datasets(value, f"eval_dataset[{name!r}]"), args, formatting_func, name
+                    )
+                    for name, value in eval_dataset.items()
+                }
+            elif eval_dataset is not None:
+                eval_dataset = self._check_and_convert(
+                    _load_datasets(eval_dataset, "eval_dataset"), args, formatting_func, "eval"
+                )
         self._check_fields(train_dataset, args, formatting_func)
 
         if model is None or isinstance(model, (str, os.PathLike)):

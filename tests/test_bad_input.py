@@ -280,7 +280,7 @@ def test_max_length_shorter_than_every_prompt(tmp_path, model_and_tokenizer):
 def test_max_length_shorter_than_some_prompts(tmp_path, model_and_tokenizer, caplog):
     model, tokenizer = model_and_tokenizer
     train = Dataset.from_list([*GOOD, {"instruction": "word " * 100, "output": "Ok."}])
-    with caplog.at_level(logging.WARNING, logger="robust_sft.trainer"):
+    with caplog.at_level(logging.WARNING, logger="robust_sft.preparation"):
         trainer = construct(tmp_path, train, model=model, tokenizer=tokenizer, max_length=64)
     assert len(trainer.train_dataset) == 4
     assert "1 of 5 rows of the train dataset were dropped" in caplog.text and "Raise max_length" in caplog.text
@@ -300,3 +300,39 @@ def test_custom_collator_that_drops_the_fields(tmp_path, model_and_tokenizer):
     collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
     with pytest.raises(ValueError, match="data_collator drops .*Use `robust_sft.RobustDataCollator"):
         construct(tmp_path, train, WeightedTrainer, model=model, tokenizer=tokenizer, data_collator=collator)
+
+
+def test_rows_are_checked_once_on_the_main_process_first_and_later_eval_sets_too(
+    tmp_path, model_and_tokenizer, monkeypatch
+):
+    """`check_rows` loops over every row in Python: once per dataset, inside the main-process-first block (every DDP
+    rank would otherwise convert at once); a dataset passed to `evaluate` later is still checked."""
+    import contextlib
+
+    from robust_sft import preparation
+    from robust_sft import trainer as trainer_module
+
+    model, tokenizer = model_and_tokenizer
+    calls, inside = [], [False]
+    real_check = preparation.check_rows
+
+    def check_rows(dataset, *args, **kwargs):
+        calls.append((kwargs["dataset_name"], inside[0]))
+        return real_check(dataset, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def main_first():
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(preparation, "check_rows", check_rows)
+    monkeypatch.setattr(trainer_module, "global_then_local_main_first", main_first)
+    trainer = construct(
+        tmp_path, Dataset.from_list(GOOD), model=model, tokenizer=tokenizer, eval_dataset=Dataset.from_list(GOOD[:2])
+    )
+    assert calls == [("train", True), ("eval", True)]
+    with pytest.raises(DataFormatError, match="eval dataset: Row 0: the conversation starts with an assistant turn"):
+        trainer.evaluate(eval_dataset=rows({"messages": [ASSISTANT, USER, ASSISTANT]}))

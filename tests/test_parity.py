@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from trl import SFTConfig, SFTTrainer
 
-from robust_sft import RobustSFTTrainer
+from robust_sft import METHODS, RobustSFTTrainer
 from robust_sft.testing import CHAT_TEMPLATE_NAMES, make_template_tokenizer, make_tiny_model
 
 COMPARED = ("input_ids", "labels", "seq_lengths")
@@ -68,7 +68,7 @@ def output_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("parity"))
 
 
-def config(output_dir, **overrides):
+def config(output_dir, config_class=SFTConfig, **overrides):
     values = dict(
         output_dir=output_dir,
         report_to=[],
@@ -80,7 +80,7 @@ def config(output_dir, **overrides):
         dataset_num_proc=None,
     )
     values.update(overrides)
-    return SFTConfig(**values)
+    return config_class(**values)
 
 
 def build(trainer_class, template, args, train, markers=False, **kwargs):
@@ -132,29 +132,33 @@ def assert_parity(output_dir, template, train, markers=False, eval_dataset=None,
 
 
 # ------------------------------------------------------------------------------------------------ text formats
-def test_text_rows_get_eos(output_dir):
-    reference, ours = assert_parity(output_dir, "chatml", Dataset.from_list(ROWS["text"]))
+@pytest.mark.parametrize("template", CHAT_TEMPLATE_NAMES)
+def test_text_rows_get_eos(output_dir, template):
+    reference, ours = assert_parity(output_dir, template, Dataset.from_list(ROWS["text"]))
     row = ours.train_dataset[0]
     assert row["input_ids"][-1] == ours.processing_class.eos_token_id
     assert row["labels"] == row["input_ids"]  # language modelling: every token trains
 
 
-def test_dataset_text_field(output_dir):
-    assert_parity(output_dir, "llama3", Dataset.from_list(ROWS["text_field"]), dataset_text_field="body")
+@pytest.mark.parametrize("template", CHAT_TEMPLATE_NAMES)
+def test_dataset_text_field(output_dir, template):
+    assert_parity(output_dir, template, Dataset.from_list(ROWS["text_field"]), dataset_text_field="body")
 
 
-def test_formatting_func(output_dir):
+@pytest.mark.parametrize("template", CHAT_TEMPLATE_NAMES)
+def test_formatting_func(output_dir, template):
     def formatting_func(row):
         return f"Q: {row['question']}\nA: {row['answer']}"
 
-    assert_parity(output_dir, "chatml", Dataset.from_list(ROWS["qa"]), formatting_func=formatting_func)
+    assert_parity(output_dir, template, Dataset.from_list(ROWS["qa"]), formatting_func=formatting_func)
 
 
+@pytest.mark.parametrize("template", CHAT_TEMPLATE_NAMES)
 @pytest.mark.parametrize("completion_only_loss", [None, False])
-def test_prompt_completion_text(output_dir, completion_only_loss):
+def test_prompt_completion_text(output_dir, completion_only_loss, template):
     _, ours = assert_parity(
         output_dir,
-        "mistral",
+        template,
         Dataset.from_list(ROWS["prompt_completion_text"]),
         completion_only_loss=completion_only_loss,
     )
@@ -204,13 +208,13 @@ def test_tools_reach_the_template(output_dir):
     assert "Today Date: 26 Jul 2024" in ours.processing_class.decode(ours.train_dataset[0]["input_ids"])
 
 
-@pytest.mark.parametrize("template", ["chatml", "phi3"])
+@pytest.mark.parametrize("template", CHAT_TEMPLATE_NAMES)
 def test_iterable_dataset(output_dir, template):
     train = Dataset.from_list(ROWS["messages_multi"]).to_iterable_dataset()
     assert_parity(output_dir, template, train, max_steps=1)
 
 
-@pytest.mark.parametrize("template", ["gemma", "qwen2.5"])
+@pytest.mark.parametrize("template", CHAT_TEMPLATE_NAMES)
 def test_dataset_dict_of_eval_sets(output_dir, template):
     evals = DatasetDict(
         {
@@ -219,6 +223,64 @@ def test_dataset_dict_of_eval_sets(output_dir, template):
         }
     )
     assert_parity(output_dir, template, Dataset.from_list(ROWS["messages_system"]), eval_dataset=evals)
+
+
+# ------------------------------------------------------------------------------------------------ method trainers
+# Settings that turn off each method's data change, so that its trainer must prepare what SFTTrainer prepares: ANIT
+# without noisy instructions (its adversarial term only changes the loss), DELIA without diverse rows. A method added
+# to the registry must be added here (test_every_sft_method_has_neutral_settings).
+NEUTRAL = {"taia": {}, "anit": {"use_noise": False}, "delia": {"diverse_ratio": 0.0}}
+SFT_METHODS = sorted(
+    name for name, method in METHODS.items() if name != "sft" and issubclass(method.trainer_class(), SFTTrainer)
+)
+METHOD_CASES = {
+    "prompt_completion_chat": ("prompt_completion_chat", {}),
+    "messages_multi": ("messages_multi", {}),
+    "messages_system": ("messages_system", {}),
+}
+
+
+def test_every_sft_method_has_neutral_settings():
+    assert set(SFT_METHODS) == set(NEUTRAL)
+
+
+def collated(trainer, limit=3):
+    """The first rows as the trainer's collator batches them (only the columns the model's signature keeps)."""
+    trainer._set_signature_columns_if_needed()
+    batch = [
+        {key: value for key, value in row.items() if key in trainer._signature_columns}
+        for row in itertools.islice(iter(trainer.train_dataset), limit)
+    ]
+    return trainer.data_collator(copy.deepcopy(batch))
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3"])
+@pytest.mark.parametrize("case", sorted(METHOD_CASES))
+@pytest.mark.parametrize("name", SFT_METHODS)
+def test_method_trainer_parity(output_dir, name, case, template):
+    """Every SFT-based method trainer, with the settings that leave its data alone, prepares the same `input_ids` and
+    trains the same tokens as `SFTTrainer` on the same rows and the same config object."""
+    method = METHODS[name]
+    rows_name, options = METHOD_CASES[case]
+    train = Dataset.from_list(ROWS[rows_name])
+    args = config(output_dir, method.config_class(), **options, **NEUTRAL[name])
+    trainer_class = method.trainer_class()
+    before = args.to_dict()
+    ours = build(trainer_class, template, args, train)
+    assert args.to_dict() == before  # the user's config is never rewritten
+    if getattr(trainer_class, "_assistant_only_loss_default", False):
+        # Documented difference: a method whose objective needs assistant-only loss trains conversational rows on
+        # their assistant turns only (its config doc says so). The reference is then TRL's own assistant-only loss,
+        # on the same template with `{% generation %}` markers (which renders the same tokens).
+        reference_args = config(output_dir, **options, assistant_only_loss=True)
+        reference = build(SFTTrainer, template, reference_args, train, markers=True)
+    else:
+        reference = build(SFTTrainer, template, args, train)
+    assert rows(reference.train_dataset), "nothing prepared"
+    assert rows(ours.train_dataset) == rows(reference.train_dataset)
+    expected, got = collated(reference), collated(ours)
+    for key in ("input_ids", "labels", "attention_mask"):
+        assert torch.equal(expected[key], got[key]), key
 
 
 # ------------------------------------------------------------------------------------------------ extensions
