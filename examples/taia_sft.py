@@ -7,8 +7,9 @@
         --answer_field answer
 
 Without --dataset_path the generated word problems of the demo are used; without --model_name_or_path, the embedded
-SmolLM2-135M-Instruct. The adapter goes to output_dir, the merged TAIA model (plain transformers) to
-output_dir/taia-model.
+SmolLM2-135M-Instruct. The trained (vanilla) adapter goes to output_dir, the merged TAIA model (plain transformers)
+to output_dir/taia-model and, for LoRA runs, the TAIA adapter (attention updates only, for PEFT or a LoRA server) to
+output_dir/taia-adapter. A rerun replaces those two folders.
 """
 
 from dataclasses import dataclass, field
@@ -56,7 +57,9 @@ def main(script_args: ScriptArguments, training_args: TAIAConfig, model_args: Mo
     )
     trainer.train()
     trainer.save_model(training_args.output_dir)
-    print(f"TAIA model: {trainer.save_taia_model(f'{training_args.output_dir}/taia-model')}")
+    print(f"TAIA model: {trainer.save_taia_model(f'{training_args.output_dir}/taia-model', overwrite=True)}")
+    if trainer.is_lora:
+        print(f"TAIA adapter: {trainer.save_taia_adapter(f'{training_args.output_dir}/taia-adapter', overwrite=True)}")
 
 
 if __name__ == "__main__":

@@ -247,7 +247,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.eval_data:
         print(json.dumps(trainer.evaluate(), indent=2))
     if args.method == "taia" and args.export:
-        print(f"TAIA model written to {trainer.save_taia_model(os.path.join(args.output_dir, 'taia-model'))}")
+        export = trainer.save_taia_model(os.path.join(args.output_dir, "taia-model"), overwrite=True)
+        print(f"TAIA model written to {export}")
     return 0
 
 
