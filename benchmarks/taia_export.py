@@ -125,9 +125,9 @@ def table(rows: list[dict]) -> str:
     ]
     for row in rows:
         lines.append(
-            f"| {row['training']} | {row['export']} | {row['shard']} | {row['dtype']} | {row['model_bytes'] / 1e6:.0f} "
-            f"| {row['written_bytes'] / 1e6:.0f} | {row['peak_extra_bytes'] / 1e6:.0f} | "
-            f"{row['peak_extra_over_model']:.2f}x |"
+            f"| {row['training']} | {row['export']} | {row['shard']} | {row['dtype']} "
+            f"| {row['model_bytes'] / 1e6:.0f} | {row['written_bytes'] / 1e6:.0f} "
+            f"| {row['peak_extra_bytes'] / 1e6:.0f} | {row['peak_extra_over_model']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 
