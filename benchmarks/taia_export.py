@@ -69,7 +69,8 @@ def worker(training: str, export: str, shard: str | None, dtype_name: str, quick
     dtype = getattr(torch, dtype_name)
     model = _model(quick, dtype)
     split = split_modules(model)
-    model_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied LM head counts once
+    model_bytes = sum(t.numel() * t.element_size() for t in unique.values())
     pretrained = None
     if training == "lora":
         config = LoraConfig(r=16, lora_alpha=32, target_modules=split.lora_targets())

@@ -209,7 +209,7 @@ def split_modules(
     mlp_modules = tuple(mlp_modules) if mlp_modules is not None else None
     base = unwrap_peft(model)
     output = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    output = _base_module(output) if output is not None else None
+    output = _base_module(getattr(output, "original_module", output)) if output is not None else None
     groups: dict[str | None, list[str]] = {"attention": [], "mlp": [], None: []}
     linear: dict[str, list[str]] = {"attention": [], "mlp": []}
     fused: dict[str, list[str]] = {"attention": [], "mlp": []}
