@@ -4,7 +4,8 @@
     python benchmarks/taia_export.py --quick    # tiny in-process llama (the CI smoke run)
 
 Each row runs in a fresh process: set up the trained model (LoRA r=16 on every attention and MLP layer with random
-updates, or a full fine-tune with its snapshot of the pre-trained MLP), reset the kernel's peak-RSS counter
+updates, or a full fine-tune with its snapshot of the pre-trained MLP), read every weight once (a float32 checkpoint
+loaded without a cast stays memory-mapped until touched, as it is in training), reset the kernel's peak-RSS counter
 (`/proc/self/clear_refs`), export with keep="attention", read the peak (`VmHWM`). The figure is the peak *beyond* the
 resident memory before the export, over the bytes of the model's tensors. Rows:
 
@@ -84,6 +85,9 @@ def worker(training: str, export: str, shard: str | None, dtype_name: str, quick
         with torch.no_grad():
             for parameter in model.parameters():
                 parameter.add_(0.01)
+    with torch.no_grad():  # page in every weight: a checkpoint loaded without a cast is memory-mapped
+        for tensor in model.state_dict().values():
+            tensor.sum()
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
     before = _memory()
