@@ -29,6 +29,7 @@ from .export import (
     export_source,
     write_taia_folder,
 )
+from .lora import is_peft_model
 from .modules import Keep, _check_keep, _matches, dropped_groups, split_modules
 from .view import taia_view
 
@@ -69,12 +70,14 @@ class TAIATrainer(RobustSFTTrainer):
         self.module_split = split_modules(model, args.attention_modules, args.mlp_modules)
         if peft_config is not None:
             peft_config = self._target_lora(peft_config, args)
+        elif is_peft_model(model):
+            pass  # a PEFT model passed in: a LoRA run with the adapters it carries
         elif is_quantized(model):
             raise ValueError("A 4/8-bit model cannot be fully fine-tuned: pass a LoraConfig as peft_config (QLoRA).")
         else:
             self._freeze_for_toa(model, args)
         self._base_state = None
-        if peft_config is None and args.snapshot_base_weights:
+        if peft_config is None and not is_peft_model(model) and args.snapshot_base_weights:
             dropped = {group for keep in (args.keep, args.eval_keep) if keep for group in dropped_groups(keep)}
             self._base_state = base_tensors(model, [n for g in sorted(dropped) for n in getattr(self.module_split, g)])
         self._base_name = getattr(model.config, "_name_or_path", None)
