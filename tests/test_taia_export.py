@@ -171,3 +171,21 @@ def test_trl_model_card_cites_taia(tmp_path, tokenizer):
     trainer.create_model_card(model_name="taia-run")
     card = (tmp_path / "run" / "README.md").read_text()
     assert "2405.20192" in card and "2406.17245" not in card
+
+
+def test_a_peft_model_passed_in_is_a_lora_run(tmp_path, tokenizer):
+    from peft import get_peft_model
+
+    from robust_sft.taia import split_modules
+
+    model = make_tiny_model("llama", tokenizer)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=split_modules(model).lora_targets()))
+    trainer = TAIATrainer(
+        model=peft_model,
+        args=train_args(tmp_path / "run", config_class=TAIAConfig),
+        train_dataset=Dataset.from_list(ROWS),
+        processing_class=tokenizer,
+    )
+    assert trainer.is_lora and trainer._base_state is None
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
