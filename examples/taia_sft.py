@@ -8,8 +8,9 @@
 
 The flags are those of `robust-sft train taia` (the same parser, robust_sft.cli.train), plus the example's own.
 Without --dataset_name the generated word problems of the demo are used; without --model_name_or_path, the embedded
-SmolLM2-135M-Instruct. The adapter goes to output_dir, the merged TAIA model (plain transformers) to
-output_dir/taia-model.
+SmolLM2-135M-Instruct. The trained (vanilla) adapter goes to output_dir, the merged TAIA model (plain transformers)
+to output_dir/taia-model and, for LoRA runs, the TAIA adapter (attention updates only, for PEFT or a LoRA server) to
+output_dir/taia-adapter. A rerun replaces those two folders.
 """
 
 from dataclasses import dataclass, field

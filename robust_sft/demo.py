@@ -340,7 +340,7 @@ def run_demo(
     for keep, name in (("attention", "TAIA (attention only)"), ("mlp", "TAIF (MLP only)")):
         with trainer.taia_view(keep):
             scores.append(score_model(trainer.model, tokenizer, name, eval_rows))
-    export_dir = trainer.save_taia_model(output_dir / "taia-model", keep="attention")
+    export_dir = trainer.save_taia_model(output_dir / "taia-model", keep="attention", overwrite=True)
 
     print("\n" + format_table(scores))
     print(f"\nQuestion: {eval_rows[0]['instruction']}\nReference: {eval_rows[0]['output']!r}")

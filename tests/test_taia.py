@@ -25,17 +25,6 @@ from .conftest import train_args
 
 ROWS = [{"instruction": f"Add {i} and {i + 1}.", "output": f"{i} + {i + 1} = {2 * i + 1}"} for i in range(8)]
 
-EXPECTED_SPLIT = {  # per layer: (attention linears, MLP linears)
-    "llama": (["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"]),
-    "qwen2": (["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"]),
-    "mistral": (["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"]),
-    "gemma": (["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"]),
-    "gpt2": (["c_attn", "c_proj"], ["c_fc", "c_proj"]),
-    "gpt_neox": (["query_key_value", "dense"], ["dense_h_to_4h", "dense_4h_to_h"]),
-    "phi": (["q_proj", "k_proj", "v_proj", "dense"], ["fc1", "fc2"]),
-    "phi3": (["o_proj", "qkv_proj"], ["gate_up_proj", "down_proj"]),
-}
-
 
 def taia_args(tmp_path, **overrides):
     return train_args(tmp_path, **{"config_class": TAIAConfig, "max_steps": 3, "learning_rate": 2e-2, **overrides})
@@ -59,18 +48,25 @@ def trained_lora_trainer(tmp_path, tokenizer, architecture="llama", **config):
     return trainer, base
 
 
-def module_of(name):
-    return name.rsplit(".", 1)[0]
+def peft_merge(trainer):
+    """PEFT's own merge of the whole trained adapter (the reference for the kept tensors)."""
+    return copy.deepcopy(trainer.model).merge_and_unload().state_dict()
 
 
-@pytest.mark.parametrize("architecture", sorted(EXPECTED_SPLIT))
-def test_split_per_architecture(architecture, tokenizer):
-    model = make_tiny_model(architecture, tokenizer)
-    split = split_modules(model)
-    attention, mlp = EXPECTED_SPLIT[architecture]
-    assert sorted(name.rsplit(".", 1)[-1] for name in split.attention) == sorted(attention * 2)
-    assert sorted(name.rsplit(".", 1)[-1] for name in split.mlp) == sorted(mlp * 2)
-    assert not any("lm_head" in name for name in split.attention + split.mlp)
+def load_state(folder):
+    return AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+def assert_exact(state, base, reference, split, keep):
+    """Dropped group == base, kept group == reference, neither == reference; and the kept updates are there."""
+    dropped = {"attention": "mlp", "mlp": "attention", "all": None}[keep]
+    assert state.keys() == base.keys()
+    for name, tensor in state.items():
+        group = split.classify(name)
+        expected = base[name] if group == dropped and dropped else reference[name]
+        assert torch.equal(tensor, expected), f"keep={keep}: {name} ({group})"
+    changed = {split.classify(name) for name in state if not torch.equal(state[name], base[name])}
+    assert keep in changed or keep == "all"
 
 
 class OddBlock(nn.Module):
@@ -87,17 +83,35 @@ class OddModel(nn.Module):
         self.head = nn.Linear(8, 4)
 
 
-def test_unknown_architecture_names_the_modules():
-    with pytest.raises(UnknownArchitectureError, match=r"OddModel.*blocks\.0\.mixer.*attention_modules="):
+def test_unknown_architecture_names_the_parameters():
+    with pytest.raises(UnknownArchitectureError, match=r"OddModel.*blocks\.0\.mixer\.weight.*attention_modules="):
         split_modules(OddModel())
 
 
 def test_override_split():
     split = split_modules(OddModel(), attention_modules=["mixer"], mlp_modules=["channel", "head"])
-    assert split.attention == ["blocks.0.mixer", "blocks.1.mixer"]
-    assert split.mlp == ["blocks.0.channel", "blocks.1.channel", "head"]
-    with pytest.raises(UnknownArchitectureError, match="unmatched linear layers: head"):
+    assert split.attention == [f"blocks.{i}.mixer.{p}" for i in (0, 1) for p in ("weight", "bias")]
+    assert split.mlp == [f"blocks.{i}.channel.{p}" for i in (0, 1) for p in ("weight", "bias")] + [
+        "head.weight",
+        "head.bias",
+    ]
+    assert split.lora_targets("attention") == ["0.mixer", "1.mixer"]
+    with pytest.raises(UnknownArchitectureError, match="unmatched weight matrices: head.weight"):
         split_modules(OddModel(), attention_modules=["mixer"], mlp_modules=["channel"])
+
+
+def test_override_reaches_fused_parameters(tokenizer):
+    """Patterns match module prefixes and parameter names: a fused expert tensor can be named on its own, and one
+    left out is reported (it is a weight matrix, not an embedding)."""
+    model = make_tiny_model("mixtral", tokenizer)
+    experts = ["experts.gate_up_proj", "experts.down_proj", "mlp.gate"]
+    split = split_modules(model, attention_modules=["self_attn"], mlp_modules=experts)
+    expected = {"mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"}
+    assert {n.split(".", 3)[-1] for n in split.mlp} == expected
+    with pytest.raises(
+        UnknownArchitectureError, match=r"unmatched weight matrices: model\.layers\.0\.mlp\.experts\.down"
+    ):
+        split_modules(model, attention_modules=["self_attn"], mlp_modules=["experts.gate_up_proj", "mlp.gate"])
 
 
 def test_default_lora_targets_every_linear_but_the_head(tmp_path, tokenizer):
@@ -109,42 +123,27 @@ def test_default_lora_targets_every_linear_but_the_head(tmp_path, tokenizer):
         peft_config=lora(),
     )
     adapted = {name for name, module in trainer.model.named_modules() if hasattr(module, "lora_A")}
-    expected = {"base_model.model." + name for name in trainer.module_split.attention + trainer.module_split.mlp}
-    assert adapted == expected  # GPT-2's attn.c_proj and mlp.c_proj both, lm_head not
+    split = trainer.module_split
+    expected = {"base_model.model." + name for name in split.linear_modules["attention"] + split.linear_modules["mlp"]}
+    assert len(expected) == 8 and adapted == expected  # GPT-2's attn.c_proj and mlp.c_proj both, lm_head not
 
 
 def test_lora_export_keep_attention_is_exact(tmp_path, tokenizer):
     trainer, base = trained_lora_trainer(tmp_path, tokenizer)
-    split = trainer.module_split
-    vanilla = trainer.taia_model("all").state_dict()
+    reference = peft_merge(trainer)
     out = trainer.save_taia_model(tmp_path / "taia")
-    exported = AutoModelForCausalLM.from_pretrained(out).state_dict()
-    assert exported.keys() == base.keys()
-    for name, tensor in exported.items():
-        if module_of(name) in split.mlp:
-            assert torch.equal(tensor, base[name]), f"MLP weight {name} differs from the base model"
-        elif module_of(name) in split.attention:
-            assert torch.equal(tensor, vanilla[name]), f"attention weight {name} differs from the merged model"
-            assert not torch.equal(tensor, base[name]), f"attention weight {name} did not train"
-        else:
-            assert torch.equal(tensor, base[name])  # LoRA never touched embeddings or norms
+    assert_exact(load_state(out), base, reference, trainer.module_split, "attention")
     card = (out / "README.md").read_text()
-    assert "keep = `attention`" in card and "2405.20192" in card
+    assert "keep = `attention`" in card and "2405.20192" in card and "NeurIPS 2024" in card
+    assert "jiang2024taia" in card and "2406.17245" not in card
 
 
 def test_lora_export_keep_mlp_and_all(tmp_path, tokenizer):
     trainer, base = trained_lora_trainer(tmp_path, tokenizer)
-    split = trainer.module_split
-    vanilla = trainer.taia_model("all").state_dict()
-    plain = copy.deepcopy(trainer.model).merge_and_unload().state_dict()  # PEFT's own merge, for keep="all"
-    taif = trainer.taia_model("mlp").state_dict()
-    for name, tensor in taif.items():
-        if module_of(name) in split.attention:
-            assert torch.equal(tensor, base[name])
-        elif module_of(name) in split.mlp:
-            assert torch.equal(tensor, vanilla[name]) and not torch.equal(tensor, base[name])
+    reference = peft_merge(trainer)
+    assert_exact(trainer.taia_model("mlp").state_dict(), base, reference, trainer.module_split, "mlp")
     everything = trainer.taia_model("all").state_dict()
-    assert all(torch.equal(everything[name], plain[name]) for name in plain)
+    assert all(torch.equal(everything[name], reference[name]) for name in reference)
 
 
 def test_exported_folder_generates_with_plain_transformers(tmp_path, tokenizer):
@@ -179,26 +178,43 @@ def test_taia_view_matches_the_merged_model(tmp_path, tokenizer):
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
 
 
-def test_full_finetune_export_is_exact(tmp_path, tokenizer):
-    model = make_tiny_model("llama", tokenizer)
+def full_finetune(tmp_path, tokenizer, architecture="llama", **config):
+    model = make_tiny_model(architecture, tokenizer)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = TAIATrainer(
-        model=model, args=taia_args(tmp_path), train_dataset=Dataset.from_list(ROWS), processing_class=tokenizer
+        model=model,
+        args=taia_args(tmp_path / "run", **config),
+        train_dataset=Dataset.from_list(ROWS),
+        processing_class=tokenizer,
     )
     trainer.train()
+    return trainer, base
+
+
+@pytest.mark.parametrize("architecture", ["llama", "mixtral"])
+def test_full_finetune_export_is_exact(tmp_path, tokenizer, architecture):
+    trainer, base = full_finetune(tmp_path, tokenizer, architecture, eval_keep="mlp")  # snapshot both groups
     tuned = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     split = trainer.module_split
-    exported = AutoModelForCausalLM.from_pretrained(trainer.save_taia_model(tmp_path / "taia")).state_dict()
-    mirrored = trainer.taia_model("mlp").state_dict()
-    for name in base:
-        if module_of(name) in split.mlp:
-            assert torch.equal(exported[name], base[name]) and torch.equal(mirrored[name], tuned[name])
-        elif module_of(name) in split.attention:
-            assert torch.equal(exported[name], tuned[name]) and torch.equal(mirrored[name], base[name])
+    assert_exact(load_state(trainer.save_taia_model(tmp_path / "taia")), base, tuned, split, "attention")
+    assert_exact(trainer.taia_model("mlp").state_dict(), base, tuned, split, "mlp")
+    assert all(torch.equal(trainer.model.state_dict()[name], tuned[name]) for name in tuned)  # trainer untouched
+    if architecture == "mixtral":  # the tuned experts and router were trained, and the export reset them
+        for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.gate.weight"):
             assert not torch.equal(tuned[name], base[name])
-        else:  # embeddings, norms, LM head come from the tuned model
-            assert torch.equal(exported[name], tuned[name]) and torch.equal(mirrored[name], tuned[name])
-    assert torch.equal(trainer.model.state_dict()["lm_head.weight"], tuned["lm_head.weight"])  # trainer untouched
+
+
+def test_full_finetune_snapshots_only_the_dropped_group(tmp_path, tokenizer):
+    trainer = TAIATrainer(
+        model=make_tiny_model("llama", tokenizer),
+        args=taia_args(tmp_path / "run"),
+        train_dataset=Dataset.from_list(ROWS),
+        processing_class=tokenizer,
+    )
+    assert set(trainer._base_state) == set(trainer.module_split.mlp)  # keep="attention" restores the MLP only
+    with pytest.raises(ValueError, match="No pre-trained weights to restore"):
+        trainer.save_taia_model(tmp_path / "taif", keep="mlp")  # an in-memory model has no path to reload from
+    assert not (tmp_path / "taif").exists()
 
 
 def test_toa_trains_attention_adapters_only(tmp_path, tokenizer):
@@ -206,34 +222,29 @@ def test_toa_trains_attention_adapters_only(tmp_path, tokenizer):
     adapted = {
         name.removeprefix("base_model.model.") for name, m in trainer.model.named_modules() if hasattr(m, "lora_A")
     }
-    assert adapted == set(trainer.module_split.attention)
-    assert not any(name in adapted for name in trainer.module_split.mlp)
+    assert adapted == set(trainer.module_split.linear_modules["attention"])
 
 
-def test_toa_full_finetune_freezes_mlp(tmp_path, tokenizer):
-    model = make_tiny_model("llama", tokenizer)
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = TAIATrainer(
-        model=model,
-        args=taia_args(tmp_path, train_modules="attention"),
-        train_dataset=Dataset.from_list(ROWS),
-        processing_class=tokenizer,
-    )
-    trainer.train()
+def test_toa_full_finetune_trains_attention_only(tmp_path, tokenizer):
+    """TOA with full fine-tuning: embeddings, norms outside attention, the LM head and the MLP stay frozen; the
+    attention projections and Qwen3's q_norm / k_norm train."""
+    trainer, base = full_finetune(tmp_path, tokenizer, "qwen3", train_modules="attention")
     state = trainer.model.state_dict()
-    for name in state:
-        if module_of(name) in trainer.module_split.mlp:
-            assert torch.equal(state[name], base[name])
-        elif module_of(name) in trainer.module_split.attention:
-            assert not torch.equal(state[name], base[name])
+    split = trainer.module_split
+    changed = {name for name in state if not torch.equal(state[name], base[name])}
+    assert changed == set(split.attention)
+    assert "model.layers.0.self_attn.q_norm.weight" in changed
+    assert {name for name, p in trainer.model.named_parameters() if p.requires_grad} == set(split.attention)
 
 
 def test_incompatible_options_are_refused(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="keep must be one of"):
         TAIAConfig(output_dir=str(tmp_path), keep="ffn")
+    with pytest.raises(ValueError, match="eval_keep must be one of"):
+        TAIAConfig(output_dir=str(tmp_path), eval_keep="ffn")
     with pytest.raises(ValueError, match="keep='mlp' would export the base model"):
         TAIAConfig(output_dir=str(tmp_path), train_modules="attention", keep="mlp")
-    with pytest.raises(ValueError, match="reaches MLP layers"):
+    with pytest.raises(ValueError, match="reach MLP parameters"):
         TAIATrainer(
             model=make_tiny_model("llama", tokenizer),
             args=taia_args(tmp_path, train_modules="attention"),
@@ -241,6 +252,31 @@ def test_incompatible_options_are_refused(tmp_path, tokenizer):
             processing_class=tokenizer,
             peft_config=LoraConfig(r=2, target_modules="all-linear"),
         )
+
+
+def test_moe_lora_needs_no_dropout(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match=r"mlp\.experts\.gate_up_proj.*lora_dropout=0\.0"):
+        TAIATrainer(
+            model=make_tiny_model("mixtral", tokenizer),
+            args=taia_args(tmp_path),
+            train_dataset=Dataset.from_list(ROWS),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=2, lora_dropout=0.05),
+        )
+
+
+def test_moe_lora_trains_experts_and_exports_exactly(tmp_path, tokenizer):
+    """Qwen2-MoE: LoRA on attention, shared expert (nn.Linear) and the fused experts and router (target_parameters);
+    keep="attention" resets all of the MLP."""
+    trainer, base = trained_lora_trainer(tmp_path, tokenizer, "qwen2_moe", max_steps=2)
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any("mlp.experts.lora_A" in n for n in trained) and any("mlp.gate.lora_A" in n for n in trained)
+    reference = peft_merge(trainer)
+    expert = "model.layers.0.mlp.experts.down_proj"
+    assert not torch.equal(reference[expert], base[expert])  # the experts did train
+    assert_exact(
+        load_state(trainer.save_taia_model(tmp_path / "taia")), base, reference, trainer.module_split, "attention"
+    )
 
 
 def test_export_from_adapter_folder_matches_trainer(tmp_path, tokenizer):
@@ -253,17 +289,22 @@ def test_export_from_adapter_folder_matches_trainer(tmp_path, tokenizer):
     )
     trainer.train()
     trainer.save_model(str(tmp_path / "adapter"))
-    from_trainer = AutoModelForCausalLM.from_pretrained(trainer.save_taia_model(tmp_path / "a")).state_dict()
-    from_folder = AutoModelForCausalLM.from_pretrained(
-        export_taia(base_dir, tmp_path / "adapter", tmp_path / "b", keep="attention")
-    ).state_dict()
+    from_trainer = load_state(trainer.save_taia_model(tmp_path / "a"))
+    from_folder = load_state(export_taia(base_dir, tmp_path / "adapter", tmp_path / "b", keep="attention"))
     assert all(torch.equal(from_trainer[name], from_folder[name]) for name in from_trainer)
     assert (tmp_path / "b" / "tokenizer_config.json").is_file()
+    with pytest.raises(ValueError, match="Refusing to export into"):
+        export_taia(base_dir, tmp_path / "adapter", tmp_path / "adapter", overwrite=True)
 
 
-def test_qlora_base_trains_and_exports_from_full_precision(tmp_path, caplog):
-    base_dir = save_tiny_model(str(tmp_path / "base"))
+def test_qlora_exports_in_the_base_dtype(tmp_path, caplog):
+    """A bf16 base trained with QLoRA exports in bf16: MLP == the bf16 base, attention == PEFT's merge of the
+    saved adapter into the bf16 base (no fp32 reload, nothing merged into 4-bit weights)."""
+    from peft import PeftModel
+
+    base_dir = save_tiny_model(str(tmp_path / "base"), dtype=torch.bfloat16)
     base = AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+    assert base["model.norm.weight"].dtype == torch.bfloat16
     trainer = TAIATrainer(
         model=base_dir,
         args=taia_args(tmp_path / "run", max_steps=2, quantization="4bit"),
@@ -274,17 +315,15 @@ def test_qlora_base_trains_and_exports_from_full_precision(tmp_path, caplog):
     assert trainer.state.global_step == 2
     with pytest.raises(ValueError, match="Refusing to merge LoRA updates into 4/8-bit"):
         merge_taia(trainer.model, "attention")
+    trainer.save_model(str(tmp_path / "adapter"))
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(tmp_path / "adapter"))
+    reference = reference.merge_and_unload().state_dict()
     with caplog.at_level(logging.WARNING, logger="robust_sft.taia"):
         out = trainer.save_taia_model(tmp_path / "export")
-    assert "reloading" in caplog.text and "full precision" in caplog.text
-    exported = AutoModelForCausalLM.from_pretrained(out).state_dict()
-    split = trainer.module_split
-    for name, tensor in exported.items():
-        assert tensor.dtype == torch.float32
-        if module_of(name) in split.mlp:
-            assert torch.equal(tensor, base[name])
-        elif module_of(name) in split.attention and name.endswith("weight"):
-            assert not torch.equal(tensor, base[name])
+    assert "reloading" in caplog.text and "own dtype" in caplog.text
+    exported = load_state(out)
+    assert all(tensor.dtype == torch.bfloat16 for tensor in exported.values())
+    assert_exact(exported, base, reference, trainer.module_split, "attention")
     assert "QLoRA" in (out / "taia.json").read_text()
 
 
@@ -319,6 +358,6 @@ def test_cli_train_and_export(tmp_path):
     assert main(command) == 0
     assert (out / "adapter_config.json").is_file() and (out / "taia-model" / "model.safetensors").is_file()
     assert main(["export-taia", "--base", base_dir, "--adapter", str(out), "--output", str(tmp_path / "x")]) == 0
-    a = AutoModelForCausalLM.from_pretrained(out / "taia-model").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "x").state_dict()
+    a = load_state(out / "taia-model")
+    b = load_state(tmp_path / "x")
     assert all(torch.equal(a[name], b[name]) for name in a)

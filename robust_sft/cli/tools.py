@@ -45,7 +45,9 @@ def _export_taia_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="The trained LoRA adapter folder.")
     parser.add_argument("--output", required=True, help="Where the merged plain model goes.")
     parser.add_argument("--keep", choices=["attention", "mlp", "all"], default="attention")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="auto: the base's own."
+    )
 
 
 @command("export-taia", "Merge a LoRA adapter keeping only the attention (or MLP) updates.", _export_taia_arguments)
@@ -56,7 +58,8 @@ def run_export_taia(args: argparse.Namespace) -> int:
     from ..taia import export_taia
 
     base = args.base or str(ensure_embedded_model())
-    output = export_taia(base, args.adapter, args.output, keep=args.keep, dtype=getattr(torch, args.dtype))
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    output = export_taia(base, args.adapter, args.output, keep=args.keep, dtype=dtype)
     print(f"Wrote {output} (keep={args.keep}).")
     return 0
 

@@ -64,8 +64,11 @@ class TAIAScriptArguments(TrainScriptArguments):
     )
 
     def after_training(self, trainer: Any, output_dir: str) -> None:
-        if self.save_taia_model:
-            print(f"TAIA model: {trainer.save_taia_model(os.path.join(output_dir, 'taia-model'))}")
+        if self.save_taia_model:  # a rerun replaces the export folders, never the run's own output_dir
+            print(f"TAIA model: {trainer.save_taia_model(os.path.join(output_dir, 'taia-model'), overwrite=True)}")
+            if trainer.is_lora:
+                adapter = trainer.save_taia_adapter(os.path.join(output_dir, "taia-adapter"), overwrite=True)
+                print(f"TAIA adapter (attention updates only): {adapter}")
 
 
 # Methods whose trainer needs more than a model and a dataset; every other method uses TrainScriptArguments.
