@@ -60,8 +60,7 @@ def tiny_lora(tmp_path):
     return base_dir, get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
 
 
-@pytest.fixture
-def model_pair(tmp_path):
+def make_model_pair(tmp_path):
     """(safe folder, fine-tuned folder): the fine-tune moved layer 0's attention and MLP matrices."""
     safe_dir = save_tiny_model(str(tmp_path / "safe"))
     tuned = AutoModelForCausalLM.from_pretrained(safe_dir)
@@ -72,6 +71,11 @@ def model_pair(tmp_path):
                 parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
     tuned.save_pretrained(str(tmp_path / "tuned"))
     return safe_dir, str(tmp_path / "tuned")
+
+
+@pytest.fixture
+def model_pair(tmp_path):
+    return make_model_pair(tmp_path)
 
 
 def weights(folder):
