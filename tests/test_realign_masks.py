@@ -297,3 +297,23 @@ def test_a_given_reference_is_frozen_and_mask_dtype_is_configurable(model_pair, 
 def test_bad_config_values_raise_clear_errors(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         SafetyRealignConfig(output_dir=str(tmp_path), **overrides)
+
+
+def test_precomputed_reference_log_probs_are_the_finetunes(model_pair, tmp_path, tokenizer):
+    """precompute_ref_log_probs=True through the masks forced to 1 gives the log-probs TRL computes with the
+    fine-tuned model itself as ref_model."""
+    safe_dir, tuned_dir = model_pair
+    vector = task_vector_from_models(safe_dir, tuned_dir)
+    columns = {}
+    for name, reference in (("self", None), ("given", AutoModelForCausalLM.from_pretrained(tuned_dir))):
+        trainer = SafetyRealignTrainer(
+            model=AutoModelForCausalLM.from_pretrained(safe_dir),
+            task_vector=vector,
+            ref_model=reference,
+            args=realign_args(tmp_path / name, max_steps=1, precompute_ref_log_probs=True),
+            train_dataset=Dataset.from_list(PAIRS),
+            processing_class=tokenizer,
+        )
+        columns[name] = trainer.train_dataset["ref_chosen_logps"], trainer.train_dataset["ref_rejected_logps"]
+        trainer.train()
+    assert columns["self"] == columns["given"]
