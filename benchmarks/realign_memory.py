@@ -6,7 +6,9 @@
 Every row runs in a fresh process, on the same preference batches (hh-rlhf harmless pairs, batch 2 pairs,
 max_length 256, gradient checkpointing on: DPOConfig's defaults otherwise, 2 optimiser steps). Two measures:
 - peak RSS above the process's RSS after its imports (VmHWM, reset after the imports; memory does not depend on CPU
-  contention, unlike time);
+  contention, unlike time). glibc is told to serve blocks over 64 KiB with mmap and give freed memory back at once
+  (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), so that the peak RSS follows the live tensors rather than the
+  allocator's caching;
 - exact tensor bytes: the model's parameters and buffers, and what the realignment adds (the masks' `W_ft`, the mask
   logits, their gradients and the optimiser states), to check the bytes-per-element formula of the docs.
 
@@ -38,6 +40,7 @@ ROWS = {
     "realign-full-row": "realign, full mode, row masks",
 }
 MAX_LENGTH, BATCH, STEPS = 256, 2, 2
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "2"}
 
 
 # ------------------------------------------------------------------------------------------------ one row (child)
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for row in ROWS:
         command = [sys.executable, __file__, "--row", row, "--setup", str(setup)]
-        completed = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+        completed = subprocess.run(command, capture_output=True, text=True, env=os.environ | ALLOCATOR)
         if completed.returncode != 0:
             raise RuntimeError(f"row {row} failed:\n{completed.stderr[-3000:]}")
         results[row] = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -244,6 +247,7 @@ def summarise(results: dict, args) -> dict:
         "model": "tiny llama (robust_sft.testing)" if args.quick else "SmolLM2-135M-Instruct (embedded), float32",
         "settings": {"batch_pairs": BATCH, "max_length": MAX_LENGTH, "steps": STEPS, "gradient_checkpointing": True},
         "measure": "peak RSS above the RSS after imports (VmHWM reset after imports), one process per row",
+        "allocator": ALLOCATOR,
         "rows": {ROWS[key]: value for key, value in results.items()},
     }
 

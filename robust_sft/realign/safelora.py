@@ -83,6 +83,10 @@ def alignment_projection(aligned: torch.Tensor, unaligned: torch.Tensor) -> torc
 def _projection(name: str, layer: nn.Module, unaligned: _Weights, aligned: _Weights | None) -> torch.Tensor:
     """`C` of one LoRA layer, oriented as its update `B A` (out x in)."""
     base = layer.get_base_layer().weight
+    if aligned is None and not base.is_floating_point():
+        raise ValueError(
+            f"{name}: the base weight is quantized ({base.dtype}); pass the aligned model's folder as `aligned`."
+        )
     aligned_weight = aligned[f"{name}.weight"] if aligned is not None else base.detach()
     unaligned_weight = unaligned[f"{name}.weight"]
     if getattr(layer, "fan_in_fan_out", False):  # GPT-2's Conv1D stores (in, out)
