@@ -9,7 +9,9 @@
    on a small downstream task (generated review sentiment) that includes some compliant answers to unsafe requests:
    the task vector is that adapter (LoRA mode; the safe model is the base, whose adapter is zero).
 2. SafetyRealignTrainer learns a Concrete mask over the task vector with DPO on safety preference pairs; the model's
-   weights stay frozen; the deterministic mask is exported as a plain PEFT adapter.
+   weights stay frozen and DPO's reference is the same model with the mask forced to 1 (no copy). The deterministic
+   mask is exported as a plain PEFT adapter; checkpoints (`--save_strategy steps`) hold the realigned adapter and
+   the mask logits (`realign_masks.safetensors`), from which `--resume_from_checkpoint` continues.
 3. Refusal rate on held-out requests and downstream accuracy are reported for safe / fine-tuned / realigned.
 """
 
@@ -116,7 +118,7 @@ def main(script_args: ScriptArguments, training_args: SafetyRealignConfig) -> No
     trainer = SafetyRealignTrainer(
         model=finetuned, task_vector=vector, args=training_args, train_dataset=pairs, processing_class=tokenizer
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     report = trainer.export(os.path.join(training_args.output_dir, "realigned-adapter"))
     results["realigned"] = scores(trainer.model, tokenizer, prompts, task_rows)
     results["kept_fraction"] = report["kept_fraction"]

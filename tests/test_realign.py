@@ -1,5 +1,6 @@
 """Safety realignment: task vectors (full and LoRA), exact realigned weights for the exported mask, only the mask
-trains, fusion equals PEFT's merge utilities, preference loaders and the refusal evaluation."""
+trains against the unmasked fine-tune as reference, fusion equals PEFT's merge utilities, preference loaders and the
+refusal evaluation. More in test_realign_{masks,full,save,safelora}.py."""
 
 import gzip
 import json
@@ -59,8 +60,7 @@ def tiny_lora(tmp_path):
     return base_dir, get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
 
 
-@pytest.fixture
-def model_pair(tmp_path):
+def make_model_pair(tmp_path):
     """(safe folder, fine-tuned folder): the fine-tune moved layer 0's attention and MLP matrices."""
     safe_dir = save_tiny_model(str(tmp_path / "safe"))
     tuned = AutoModelForCausalLM.from_pretrained(safe_dir)
@@ -71,6 +71,11 @@ def model_pair(tmp_path):
                 parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
     tuned.save_pretrained(str(tmp_path / "tuned"))
     return safe_dir, str(tmp_path / "tuned")
+
+
+@pytest.fixture
+def model_pair(tmp_path):
+    return make_model_pair(tmp_path)
 
 
 def weights(folder):
@@ -104,12 +109,15 @@ def test_realigned_weights_equal_the_formula_for_the_exported_mask(model_pair, t
     safe = weights(safe_dir)
     for name, mask in masks.items():
         binary = (mask.logits > 0).float().expand_as(vector[name])
-        factor = binary / binary.mean() if binary.mean() > 0 else torch.zeros_like(binary)
+        if granularity == "tensor":  # one value per tensor: applied as is (m / mean(m) would always be 1)
+            factor = binary
+        else:
+            factor = binary / binary.mean() if binary.mean() > 0 else torch.zeros_like(binary)
         expected[name] = safe[name] + factor * vector[name]
     remove_masks(model, masks)
     state = model.state_dict()
-    for name, value in expected.items():
-        assert torch.equal(state[name], value), name
+    for name, value in expected.items():  # computed as lerp(W_safe, W_ft, s): equal up to float32 rounding
+        torch.testing.assert_close(state[name], value, rtol=1e-6, atol=1e-7, msg=name)
     untouched = [n for n in safe if n not in vector]
     assert all(torch.equal(state[n], safe[n]) for n in untouched)
 
@@ -123,13 +131,12 @@ def test_all_ones_gives_the_finetuned_model_and_all_zeros_the_safe_one(model_pai
         masks = attach_masks(model, vector, init_logit=logit)
         remove_masks(model, masks)
         state = model.state_dict()
-        for name in vector:
-            torch.testing.assert_close(state[name], reference[name], rtol=0, atol=1e-7)
+        assert all(torch.equal(state[name], reference[name]) for name in reference)  # bit for bit
     assert torch.equal(scaled_mask(torch.zeros(3, 2)), torch.zeros(3, 2))  # mean(m) = 0 is guarded
 
 
 def test_concrete_mask_samples_in_training_and_is_deterministic_in_eval():
-    mask = ConcreteMask(torch.ones(4, 3), temperature=0.5, init_logit=0.0)
+    mask = ConcreteMask(torch.ones(4, 3), temperature=0.5, init_logit=0.0)  # W_ft = ones
     mask.train()
     first, second = mask.mask(), mask.mask()
     assert not torch.equal(first, second) and ((first > 0) & (first < 1)).all()
@@ -154,16 +161,20 @@ def test_only_the_mask_logits_train(model_pair, tmp_path, tokenizer):
     )
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert len(trainable) == len(vector) and all(n.endswith(".logits") for n in trainable)
+    # the default reference is the unmasked fine-tune, computed through the same model: no second copy
+    assert list(trainer.ref_model.parameters()) == []
+    tuned = AutoModelForCausalLM.from_pretrained(tuned_dir)
+    input_ids = torch.tensor([[5, 17, 42, 8, 99]])
+    with torch.no_grad():
+        assert torch.equal(trainer.ref_model(input_ids=input_ids).logits, tuned(input_ids=input_ids).logits)
     frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
     logits = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     after = dict(trainer.model.named_parameters())
     assert all(torch.equal(after[n].detach(), value) for n, value in frozen.items())
     assert all(not torch.equal(after[n].detach(), value) for n, value in logits.items())
-    # the default reference is the unmasked fine-tuned model
-    tuned = weights(tuned_dir)
-    reference = trainer.ref_model.state_dict()
-    assert all(torch.allclose(reference[n], tuned[n], atol=1e-7) for n in vector)
+    with torch.no_grad():  # the reference did not move
+        assert torch.equal(trainer.ref_model(input_ids=input_ids).logits, tuned(input_ids=input_ids).logits)
     report = trainer.export(tmp_path / "realigned")
     assert 0.0 <= report["kept_fraction"] <= 1.0 and set(report["per_tensor"]) == set(vector)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "realigned")
@@ -197,8 +208,7 @@ def test_lora_task_vector_and_export(tmp_path, tokenizer):
         trainer.export(out)
         exported = load_file(str(out / "adapter_model.safetensors"))
         assert set(exported) == set(expected)
-        for name in expected:
-            torch.testing.assert_close(exported[name], expected[name], rtol=0, atol=1e-7)
+        assert all(torch.equal(exported[name], expected[name]) for name in expected)  # bit for bit
 
 
 # ---------------------------------------------------------------------------------------------- fusion

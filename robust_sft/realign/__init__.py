@@ -11,36 +11,73 @@ The mask is attached with `torch.nn.utils.parametrize` (public torch API): each 
 frozen original and its mask on access, so the model stays an ordinary transformers / PEFT model that TRL's
 `DPOTrainer` (fused LM head included) drives unchanged.
 
-Files: `task_vectors.py`, `masks.py`, `fusion.py` (fusion and RESTA), `preferences.py` (safety preference data),
-`config.py`, `trainer.py`.
+Files: `task_vectors.py`, `masks.py` (the masks, saved and loaded as safetensors), `fusion.py` (fusion and RESTA),
+`safelora.py` (the SafeLoRA baseline), `preferences.py` (safety preference data), `config.py`, `trainer.py`.
 """
 
 from .config import SafetyRealignConfig
 from .fusion import FUSION_DEFAULTS, FUSION_METHODS, fuse_task_vectors, masked_task_vector, resta
-from .masks import GRANULARITIES, ConcreteMask, attach_masks, mask_report, remove_masks, scaled_mask
+from .masks import (
+    GRANULARITIES,
+    MASKS_FILE,
+    ConcreteMask,
+    apply_mask,
+    attach_masks,
+    exported_state_dict,
+    load_masks,
+    mask_report,
+    mask_values,
+    masks_forced_to_one,
+    remove_masks,
+    save_masks,
+    scaled_mask,
+)
 from .preferences import hh_to_preference, load_hh_rlhf, load_preference_pairs, parse_hh_dialogue
-from .task_vectors import apply_task_vector, task_vector_from_adapters, task_vector_from_models, zero_adapter
-from .trainer import REPORT_FILE, SafetyRealignTrainer
+from .safelora import SafeLoRAReport, alignment_projection, safe_lora
+from .task_vectors import (
+    TaskVector,
+    apply_task_vector,
+    check_lora_compatibility,
+    combine_task_vectors,
+    task_vector_from_adapters,
+    task_vector_from_models,
+    zero_adapter,
+)
+from .trainer import REPORT_FILE, SafetyRealignTrainer, UnmaskedReference
 
 __all__ = [
     "FUSION_DEFAULTS",
     "FUSION_METHODS",
     "GRANULARITIES",
+    "MASKS_FILE",
     "REPORT_FILE",
     "ConcreteMask",
+    "SafeLoRAReport",
     "SafetyRealignConfig",
     "SafetyRealignTrainer",
+    "TaskVector",
+    "UnmaskedReference",
+    "alignment_projection",
+    "apply_mask",
     "apply_task_vector",
     "attach_masks",
+    "check_lora_compatibility",
+    "combine_task_vectors",
+    "exported_state_dict",
     "fuse_task_vectors",
     "hh_to_preference",
     "load_hh_rlhf",
+    "load_masks",
     "load_preference_pairs",
     "mask_report",
+    "mask_values",
     "masked_task_vector",
+    "masks_forced_to_one",
     "parse_hh_dialogue",
     "remove_masks",
     "resta",
+    "safe_lora",
+    "save_masks",
     "scaled_mask",
     "task_vector_from_adapters",
     "task_vector_from_models",
