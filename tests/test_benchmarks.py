@@ -115,3 +115,12 @@ def test_realign_quick(tmp_path):
     assert 0.0 < seed["realigned (mask)"]["kept_fraction"] < 1.0
     assert set(report["stage_seconds"]["0"]) == {"align", "finetune", "realign"}
     assert (tmp_path / "realign-quick-summary.md").read_text().count("\n") >= 7
+
+
+def test_scoring_quick(tmp_path):
+    run_benchmark("scoring.py", tmp_path)
+    report = json.loads((tmp_path / "scoring-quick.json").read_text())
+    assert report["items"] == 8
+    for key in ("acc", "acc_norm"):  # the same work: both scorers agree on every item's verdict
+        assert report["robust_sft"][key] == pytest.approx(report["lm_eval"][key])
+    assert report["time_ratio_robust_sft_over_lm_eval"] > 0
