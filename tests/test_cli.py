@@ -106,9 +106,25 @@ def test_data_error_is_one_line_with_exit_code_1_and_debug_shows_the_traceback(t
     missing = str(tmp_path / "missing.jsonl")
     argv = ["train", "sft", "--output_dir", str(tmp_path / "out"), "--dataset_name", missing]
     assert main(argv) == 1
-    assert capsys.readouterr().err.splitlines()[-1] == f"robust-sft: error: Data file {missing} does not exist."
+    assert capsys.readouterr().err == f"robust-sft: error: Data file {missing} does not exist.\n"
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        main([*argv, "--debug"])
+        main(["--debug", *argv])
+
+
+def test_bad_rows_and_output_dir_are_reported_before_the_model_loads(tmp_path, capsys):
+    # The model folder does not exist: an error about it (or a "Loading weights" bar) would mean it was loaded first.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "2+2?", "answer": "4"}\n')
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "2+2?", "completion": "4"}\n')
+    no_model = ["--model_name_or_path", str(tmp_path / "no-model")]
+    assert main(["train", "sft", "--output_dir", str(tmp_path / "out"), "--dataset_name", str(bad), *no_model]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("robust-sft: error: ") and "question" in error, error
+    (tmp_path / "file").write_text("")
+    assert main(["train", "sft", "--output_dir", str(tmp_path / "file"), "--dataset_name", str(good), *no_model]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "is a file, not a folder" in error, error
 
 
 def test_exit_codes_of_the_console_script(tmp_path):

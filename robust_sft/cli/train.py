@@ -11,6 +11,7 @@ build the LoRA config and finish the run with the same functions, so a recipe ru
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -144,10 +145,25 @@ def pick_split(splits: Any, split: str, flag: str) -> Any:
     return splits[split]
 
 
+@contextlib.contextmanager
+def no_progress_bars():
+    """Hide datasets' "Generating train split" bars while the data loads: an error after them is one line."""
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
+    enabled = is_progress_bar_enabled()
+    disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            enable_progress_bar()
+
+
 def load_datasets(script_args: ScriptArguments, dataset_args: DatasetMixtureConfig, training_args: Any):
     """(train, eval) as `trl sft` picks them: `--dataset_train_split`, and `--dataset_test_split` when
     `eval_strategy` is not "no" (else None)."""
-    splits = load_splits(script_args, dataset_args)
+    with no_progress_bars():
+        splits = load_splits(script_args, dataset_args)
     train_dataset = pick_split(splits, script_args.dataset_train_split, "--dataset_train_split")
     if training_args.eval_strategy == "no":
         return train_dataset, None
@@ -157,6 +173,16 @@ def load_datasets(script_args: ScriptArguments, dataset_args: DatasetMixtureConf
 def names_a_dataset(script_args: ScriptArguments, dataset_args: DatasetMixtureConfig) -> bool:
     """Whether data is named (`--dataset_name` or a `datasets:` mixture); the examples generate rows otherwise."""
     return bool(script_args.dataset_name or dataset_args.datasets)
+
+
+def check_rows(method: str, training_args: Any, train_dataset: Any, eval_dataset: Any) -> None:
+    """The method trainer's own checks of the rows, run before the model loads (as the trainer runs them when it
+    loads the model itself), so that a bad file is one line in a second rather than after the weights load."""
+    trainer_class = get_method(method).trainer_class()
+    checker = trainer_class.__new__(trainer_class)  # the class's checks only read class attributes: no model needed
+    checker._check_fields(checker._check_and_convert(train_dataset, training_args, None), training_args, None)
+    if eval_dataset is not None:
+        checker._check_and_convert(eval_dataset, training_args, None, "eval")
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -231,9 +257,14 @@ def quiet() -> None:
 
 def train(method: str, args: list[str] | None = None) -> int:
     """`robust-sft train <method> [flags]`: load, train, save with a model card. Returns the exit code."""
+    from ..preparation import check_output_dir
+
     quiet()
     script_args, training_args, model_args, dataset_args = parse_args(method, args)
+    check_output_dir(training_args.output_dir)
     train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args)
+    with no_progress_bars():
+        check_rows(method, training_args, train_dataset, eval_dataset)
     peft = peft_config(model_args, training_args)
     model, tokenizer = load_model(model_args, training_args)
     trainer = get_method(method).trainer_class()(
