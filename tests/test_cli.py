@@ -134,3 +134,26 @@ def test_exit_codes_of_the_console_script(tmp_path):
     error = subprocess.run(missing, capture_output=True, text=True, timeout=300)
     assert error.returncode == 1
     assert error.stderr.splitlines()[-1] == f"robust-sft: error: Data file {tmp_path / 'q.jsonl'} does not exist."
+
+
+def test_debug_before_the_sub_command_is_ours_after_it_the_sub_command_s(tmp_path, capsys):
+    from robust_sft.cli.train import parse_args
+
+    missing = str(tmp_path / "missing.jsonl")
+    argv = ["train", "sft", "--output_dir", str(tmp_path / "out"), "--dataset_name", missing]
+    # After the sub-command, `--debug` is TrainingArguments' option: passed through, the error stays one line.
+    assert main([*argv, "--debug", "underflow_overflow"]) == 1
+    assert capsys.readouterr().err == f"robust-sft: error: Data file {missing} does not exist.\n"
+    training_args = parse_args("sft", argv[2:] + ["--debug", "underflow_overflow"])[1]
+    assert [option.value for option in training_args.debug] == ["underflow_overflow"]
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", *argv])
+
+
+def test_method_help_names_the_docs_page_in_the_repository(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "taia", "--help"])
+    assert stop.value.code == 0
+    assert "docs/trainers/taia.md in the docs/ folder of the robust_sft repository" in " ".join(
+        capsys.readouterr().out.split()
+    )

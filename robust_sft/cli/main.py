@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: every registered sub-command, and `train <method>` per registry entry."""
     parser = ArgumentParser(prog="robust-sft", description="Robust instruction tuning on top of TRL.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
-    parser.add_argument("--debug", action="store_true", help="Show the full traceback of an error (any position).")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="Show the full traceback of an error (before the sub-command: `robust-sft --debug train sft ...`).",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     _add_train(subparsers)
     for name, spec in COMMANDS.items():
@@ -59,10 +63,11 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `robust-sft` console script; returns the exit code (0, 1 data error, 2 usage error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [arg for arg in argv if arg != "--debug"]
     parser = build_parser()
+    # `--debug` is read before the sub-command only: after it, a flag (TrainingArguments' own `--debug`) is the
+    # sub-command's, passed through untouched.
     args, rest = parser.parse_known_args(argv)
+    debug = args.debug
     if rest and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

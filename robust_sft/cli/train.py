@@ -89,7 +89,8 @@ def make_parser(method: str, *extra: type, prog: str | None = None) -> TrainPars
     return TrainParser(
         (script_arguments, spec.config_class(), ModelConfig, DatasetMixtureConfig, *extra),
         prog=prog or f"robust-sft train {method}",
-        description=f"{spec.summary} Docs: docs/{spec.docs}. Every flag can also be a key of the --config YAML file.",
+        description=f"{spec.summary} Docs: docs/{spec.docs} in the docs/ folder of the robust_sft repository. "
+        "Every flag can also be a key of the --config YAML file.",
         allow_abbrev=False,
     )
 
