@@ -85,7 +85,7 @@ def test_train_lists_the_registered_methods(capsys):
 
 
 def test_usage_errors_are_one_line_with_exit_code_2(capsys):
-    for argv in (["nope"], ["env", "--bogus"], ["train"], ["train", "realign"]):
+    for argv in (["nope"], ["env", "--bogus"], ["train"], ["train", "realign", "--max-length", "8"]):
         with pytest.raises(SystemExit) as stop:
             build_parser().parse_args(argv) if argv[0] == "nope" else main(argv)
         assert stop.value.code == 2, argv
@@ -96,10 +96,12 @@ def test_usage_errors_are_one_line_with_exit_code_2(capsys):
 def test_usage_error_found_after_parsing_is_exit_code_2(capsys):
     assert main(["eval", "--task", "piqa"]) == 2
     assert capsys.readouterr().err.startswith("robust-sft: error: --task piqa needs --data")
-    assert main(["realign", "--preferences", "p.jsonl", "--output-dir", "out"]) == 2
-    assert capsys.readouterr().err == (
-        "robust-sft: error: Give exactly one of --finetuned (full mode) or --finetuned-adapter (LoRA mode).\n"
-    )
+    for command in (["train", "realign"], ["realign"]):  # `robust-sft realign` is an alias
+        assert main([*command, "--dataset_name", "p.jsonl", "--output_dir", "out"]) == 2
+        assert capsys.readouterr().err == (
+            "robust-sft: error: Give exactly one of --finetuned_model (full mode) or --finetuned_adapter "
+            "(LoRA mode).\n"
+        )
 
 
 def test_data_error_is_one_line_with_exit_code_1_and_debug_shows_the_traceback(tmp_path, capsys):

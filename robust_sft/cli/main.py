@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from ..methods import METHODS
-from . import env, evaluate, realign, tools  # noqa: F401 (each module registers its commands)
+from . import env, evaluate, tools  # noqa: F401 (each module registers its commands)
 from .core import COMMANDS, DATA_ERROR, DATA_ERRORS, USAGE_ERROR, ArgumentParser, UsageError, report_error
 
 
@@ -29,6 +29,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
             continue
         # add_help=False: `--help` and every other flag go to the method's TrlParser (see train.parse_args).
         methods.add_parser(method.name, help=method.summary, add_help=False)
+    # An alias kept from earlier releases: `robust-sft realign ...` is `robust-sft train realign ...`.
+    subparsers.add_parser("realign", help="Alias of `robust-sft train realign`.", add_help=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,10 +55,10 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
 
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.command == "train":
+    if args.command in ("train", "realign"):
         from .train import train
 
-        return train(args.method, rest)
+        return train(getattr(args, "method", "realign"), rest)
     return COMMANDS[args.command].run(args)
 
 
@@ -68,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # sub-command's, passed through untouched.
     args, rest = parser.parse_known_args(argv)
     debug = args.debug
-    if rest and args.command != "train":
+    if rest and args.command not in ("train", "realign"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return _run(args, rest)

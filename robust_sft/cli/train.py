@@ -69,9 +69,32 @@ class TAIAScriptArguments(TrainScriptArguments):
             print(f"TAIA model: {trainer.save_taia_model(os.path.join(output_dir, 'taia-model'))}")
 
 
+@dataclass
+class RealignScriptArguments(TrainScriptArguments):
+    """Realignment: `--model_name_or_path` is the safe (aligned) model and `--dataset_name` the safety preference
+    pairs (prompt/chosen/rejected rows, or hh-rlhf `.jsonl.gz`); the task vector is the fine-tune minus the safe model.
+    """
+
+    finetuned_model: str | None = field(
+        default=None, metadata={"help": "Full mode: the fine-tuned model (a folder of safetensors)."}
+    )
+    finetuned_adapter: str | None = field(
+        default=None, metadata={"help": "LoRA mode: the fine-tuned LoRA adapter folder (trained on the safe model)."}
+    )
+    safe_adapter: str | None = field(
+        default=None,
+        metadata={"help": "LoRA mode: the safe adapter folder (default: none, the safe model is the base)."},
+    )
+    num_pairs: int | None = field(default=None, metadata={"help": "Use the first N preference pairs."})
+    merge: bool = field(
+        default=False, metadata={"help": "LoRA mode: write the merged realigned model instead of an adapter."}
+    )
+
+
 # Methods whose trainer needs more than a model and a dataset; every other method uses TrainScriptArguments.
 SCRIPT_ARGUMENTS: dict[str, type[TrainScriptArguments]] = {
     "delia": DELIAScriptArguments,
+    "realign": RealignScriptArguments,
     "taia": TAIAScriptArguments,
 }
 
@@ -229,12 +252,16 @@ def peft_config(model_args: ModelConfig, training_args: Any):
 
 
 # ----------------------------------------------------------------------------------------------- run
-def finish(trainer: Any, method: str, training_args: Any, script_args: ScriptArguments | None = None) -> None:
-    """Save the model with TRL's model card (the method's tags and paper from the registry), write what the method
-    writes after training, push to the Hub with `--push_to_hub`, and close the trackers."""
+def finish(
+    trainer: Any, method: str, training_args: Any, script_args: ScriptArguments | None = None, save: bool = True
+) -> None:
+    """Save the model (unless `save=False`: the method wrote it already) with TRL's model card (the method's tags and
+    paper from the registry), write what the method writes after training, push to the Hub with `--push_to_hub`,
+    and close the trackers."""
     spec = get_method(method)
     output_dir = training_args.output_dir
-    trainer.save_model(output_dir)
+    if save:
+        trainer.save_model(output_dir)
     model_name = training_args.hub_model_id.split("/")[-1] if training_args.hub_model_id else Path(output_dir).name
     # Written after save_model: PEFT's save_pretrained leaves its placeholder card in the same README.md.
     dataset_name = getattr(script_args, "dataset_name", None)
@@ -263,6 +290,10 @@ def train(method: str, args: list[str] | None = None) -> int:
     quiet()
     script_args, training_args, model_args, dataset_args = parse_args(method, args)
     check_output_dir(training_args.output_dir)
+    if method == "realign":  # a DPO run over a task vector: its own inputs
+        from .realign import realign
+
+        return realign(script_args, training_args, model_args)
     train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args)
     with no_progress_bars():
         check_rows(method, training_args, train_dataset, eval_dataset)
