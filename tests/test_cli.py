@@ -85,7 +85,7 @@ def test_train_lists_the_registered_methods(capsys):
 
 
 def test_usage_errors_are_one_line_with_exit_code_2(capsys):
-    for argv in (["nope"], ["env", "--bogus"], ["train"], ["train", "realign", "--max-length", "8"]):
+    for argv in (["nope"], ["env", "--bogus"], ["train"], ["train", "realign", "--bogus", "8"]):
         with pytest.raises(SystemExit) as stop:
             build_parser().parse_args(argv) if argv[0] == "nope" else main(argv)
         assert stop.value.code == 2, argv
