@@ -184,6 +184,5 @@ register_method(
         summary="Safety realignment: a DPO-trained mask over a fine-tune's task vector; TIES/DARE fusion, RESTA.",
         docs="trainers/realign.md",
         paper=REALIGN_PAPER,
-        trainable_from_cli=False,  # it needs a task vector: `robust-sft realign`
     )
 )

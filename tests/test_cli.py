@@ -85,7 +85,7 @@ def test_train_lists_the_registered_methods(capsys):
 
 
 def test_usage_errors_are_one_line_with_exit_code_2(capsys):
-    for argv in (["nope"], ["env", "--bogus"], ["train"], ["train", "realign"]):
+    for argv in (["nope"], ["env", "--bogus"], ["train"], ["train", "realign", "--bogus", "8"]):
         with pytest.raises(SystemExit) as stop:
             build_parser().parse_args(argv) if argv[0] == "nope" else main(argv)
         assert stop.value.code == 2, argv
@@ -96,19 +96,37 @@ def test_usage_errors_are_one_line_with_exit_code_2(capsys):
 def test_usage_error_found_after_parsing_is_exit_code_2(capsys):
     assert main(["eval", "--task", "piqa"]) == 2
     assert capsys.readouterr().err.startswith("robust-sft: error: --task piqa needs --data")
-    assert main(["realign", "--preferences", "p.jsonl", "--output-dir", "out"]) == 2
-    assert capsys.readouterr().err == (
-        "robust-sft: error: Give exactly one of --finetuned (full mode) or --finetuned-adapter (LoRA mode).\n"
-    )
+    for command in (["train", "realign"], ["realign"]):  # `robust-sft realign` is an alias
+        assert main([*command, "--dataset_name", "p.jsonl", "--output_dir", "out"]) == 2
+        assert capsys.readouterr().err == (
+            "robust-sft: error: Give exactly one of --finetuned_model (full mode) or --finetuned_adapter "
+            "(LoRA mode).\n"
+        )
 
 
 def test_data_error_is_one_line_with_exit_code_1_and_debug_shows_the_traceback(tmp_path, capsys):
     missing = str(tmp_path / "missing.jsonl")
     argv = ["train", "sft", "--output_dir", str(tmp_path / "out"), "--dataset_name", missing]
     assert main(argv) == 1
-    assert capsys.readouterr().err.splitlines()[-1] == f"robust-sft: error: Data file {missing} does not exist."
+    assert capsys.readouterr().err == f"robust-sft: error: Data file {missing} does not exist.\n"
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        main([*argv, "--debug"])
+        main(["--debug", *argv])
+
+
+def test_bad_rows_and_output_dir_are_reported_before_the_model_loads(tmp_path, capsys):
+    # The model folder does not exist: an error about it (or a "Loading weights" bar) would mean it was loaded first.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "2+2?", "answer": "4"}\n')
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "2+2?", "completion": "4"}\n')
+    no_model = ["--model_name_or_path", str(tmp_path / "no-model")]
+    assert main(["train", "sft", "--output_dir", str(tmp_path / "out"), "--dataset_name", str(bad), *no_model]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("robust-sft: error: ") and "question" in error, error
+    (tmp_path / "file").write_text("")
+    assert main(["train", "sft", "--output_dir", str(tmp_path / "file"), "--dataset_name", str(good), *no_model]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "is a file, not a folder" in error, error
 
 
 def test_exit_codes_of_the_console_script(tmp_path):
@@ -118,3 +136,26 @@ def test_exit_codes_of_the_console_script(tmp_path):
     error = subprocess.run(missing, capture_output=True, text=True, timeout=300)
     assert error.returncode == 1
     assert error.stderr.splitlines()[-1] == f"robust-sft: error: Data file {tmp_path / 'q.jsonl'} does not exist."
+
+
+def test_debug_before_the_sub_command_is_ours_after_it_the_sub_command_s(tmp_path, capsys):
+    from robust_sft.cli.train import parse_args
+
+    missing = str(tmp_path / "missing.jsonl")
+    argv = ["train", "sft", "--output_dir", str(tmp_path / "out"), "--dataset_name", missing]
+    # After the sub-command, `--debug` is TrainingArguments' option: passed through, the error stays one line.
+    assert main([*argv, "--debug", "underflow_overflow"]) == 1
+    assert capsys.readouterr().err == f"robust-sft: error: Data file {missing} does not exist.\n"
+    training_args = parse_args("sft", argv[2:] + ["--debug", "underflow_overflow"])[1]
+    assert [option.value for option in training_args.debug] == ["underflow_overflow"]
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", *argv])
+
+
+def test_method_help_names_the_docs_page_in_the_repository(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "taia", "--help"])
+    assert stop.value.code == 0
+    assert "docs/trainers/taia.md in the docs/ folder of the robust_sft repository" in " ".join(
+        capsys.readouterr().out.split()
+    )

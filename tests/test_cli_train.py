@@ -30,8 +30,18 @@ DIVERSE = [
     {"messages": [{"role": "user", "content": f"Name a colour, {i}."}, {"role": "assistant", "content": "Blue."}]}
     for i in range(8)
 ]
-# What a method needs beyond the recipe here: ANIT's embedding distortion would need the MiniLM encoder package.
-METHOD_FLAGS = {"anit": ["--distortion_metric", "levenshtein"], "delia": ["--diverse_dataset", "DIVERSE"]}
+PAIRS = [
+    {"prompt": f"How do I pick lock number {i}?", "chosen": "I can't help with that.", "rejected": "Use a pick."}
+    for i in range(4)
+]
+# What a method needs beyond the recipe here: ANIT's embedding distortion would need the MiniLM encoder package;
+# realignment masks the task vector of a fine-tuned adapter, with safety preference pairs as its data.
+METHOD_FLAGS = {
+    "anit": ["--distortion_metric", "levenshtein"],
+    "delia": ["--diverse_dataset", "DIVERSE"],
+    "realign": ["--finetuned_adapter", "ADAPTER"],
+}
+DATA = {"realign": "pairs.jsonl"}
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +50,21 @@ def workspace(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cli-train")
     model = save_tiny_model(str(root / "tiny"))
-    for name, rows in (("rows.jsonl", ROWS), ("diverse.jsonl", DIVERSE)):
+    for name, rows in (("rows.jsonl", ROWS), ("diverse.jsonl", DIVERSE), ("pairs.jsonl", PAIRS)):
         (root / name).write_text("\n".join(json.dumps(row) for row in rows))
     return root, model
+
+
+def _save_adapter(model: str, folder: str) -> str:
+    """A LoRA fine-tune of the tiny model with random non-zero B (a task vector that is not zero)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model)
+    get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).save_pretrained(folder)
+    return folder
 
 
 def _trained(root, method):
@@ -54,9 +76,11 @@ def _trained(root, method):
 def test_train_from_recipe(workspace, method):
     root, model = workspace
     out = _trained(root, method)
-    flags = [str(root / "diverse.jsonl") if flag == "DIVERSE" else flag for flag in METHOD_FLAGS.get(method, [])]
+    paths = {"DIVERSE": lambda: str(root / "diverse.jsonl"), "ADAPTER": lambda: _save_adapter(model, root / "ft")}
+    flags = [paths[flag]() if flag in paths else flag for flag in METHOD_FLAGS.get(method, [])]
+    data = str(root / DATA.get(method, "rows.jsonl"))
     command = [sys.executable, "-m", "robust_sft.cli", "train", method, "--config", f"{RECIPES}/{method}.yaml",
-               "--model_name_or_path", model, "--dataset_name", str(root / "rows.jsonl"), "--output_dir", str(out),
+               "--model_name_or_path", model, "--dataset_name", data, "--output_dir", str(out),
                "--max_steps", "2", "--per_device_train_batch_size", "4", *flags]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from ..methods import METHODS
-from . import env, evaluate, realign, tools  # noqa: F401 (each module registers its commands)
+from . import env, evaluate, tools  # noqa: F401 (each module registers its commands)
 from .core import COMMANDS, DATA_ERROR, DATA_ERRORS, USAGE_ERROR, ArgumentParser, UsageError, report_error
 
 
@@ -29,13 +29,19 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
             continue
         # add_help=False: `--help` and every other flag go to the method's TrlParser (see train.parse_args).
         methods.add_parser(method.name, help=method.summary, add_help=False)
+    # An alias kept from earlier releases: `robust-sft realign ...` is `robust-sft train realign ...`.
+    subparsers.add_parser("realign", help="Alias of `robust-sft train realign`.", add_help=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: every registered sub-command, and `train <method>` per registry entry."""
     parser = ArgumentParser(prog="robust-sft", description="Robust instruction tuning on top of TRL.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
-    parser.add_argument("--debug", action="store_true", help="Show the full traceback of an error (any position).")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="Show the full traceback of an error (before the sub-command: `robust-sft --debug train sft ...`).",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     _add_train(subparsers)
     for name, spec in COMMANDS.items():
@@ -49,21 +55,22 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
 
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.command == "train":
+    if args.command in ("train", "realign"):
         from .train import train
 
-        return train(args.method, rest)
+        return train(getattr(args, "method", "realign"), rest)
     return COMMANDS[args.command].run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `robust-sft` console script; returns the exit code (0, 1 data error, 2 usage error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [arg for arg in argv if arg != "--debug"]
     parser = build_parser()
+    # `--debug` is read before the sub-command only: after it, a flag (TrainingArguments' own `--debug`) is the
+    # sub-command's, passed through untouched.
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "train":
+    debug = args.debug
+    if rest and args.command not in ("train", "realign"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return _run(args, rest)

@@ -11,6 +11,7 @@ build the LoRA config and finish the run with the same functions, so a recipe ru
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -71,9 +72,32 @@ class TAIAScriptArguments(TrainScriptArguments):
                 print(f"TAIA adapter (attention updates only): {adapter}")
 
 
+@dataclass
+class RealignScriptArguments(TrainScriptArguments):
+    """Realignment: `--model_name_or_path` is the safe (aligned) model and `--dataset_name` the safety preference
+    pairs (prompt/chosen/rejected rows, or hh-rlhf `.jsonl.gz`); the task vector is the fine-tune minus the safe model.
+    """
+
+    finetuned_model: str | None = field(
+        default=None, metadata={"help": "Full mode: the fine-tuned model (a folder of safetensors)."}
+    )
+    finetuned_adapter: str | None = field(
+        default=None, metadata={"help": "LoRA mode: the fine-tuned LoRA adapter folder (trained on the safe model)."}
+    )
+    safe_adapter: str | None = field(
+        default=None,
+        metadata={"help": "LoRA mode: the safe adapter folder (default: none, the safe model is the base)."},
+    )
+    num_pairs: int | None = field(default=None, metadata={"help": "Use the first N preference pairs."})
+    merge: bool = field(
+        default=False, metadata={"help": "LoRA mode: write the merged realigned model instead of an adapter."}
+    )
+
+
 # Methods whose trainer needs more than a model and a dataset; every other method uses TrainScriptArguments.
 SCRIPT_ARGUMENTS: dict[str, type[TrainScriptArguments]] = {
     "delia": DELIAScriptArguments,
+    "realign": RealignScriptArguments,
     "taia": TAIAScriptArguments,
 }
 
@@ -91,7 +115,8 @@ def make_parser(method: str, *extra: type, prog: str | None = None) -> TrainPars
     return TrainParser(
         (script_arguments, spec.config_class(), ModelConfig, DatasetMixtureConfig, *extra),
         prog=prog or f"robust-sft train {method}",
-        description=f"{spec.summary} Docs: docs/{spec.docs}. Every flag can also be a key of the --config YAML file.",
+        description=f"{spec.summary} Docs: docs/{spec.docs} in the docs/ folder of the robust_sft repository. "
+        "Every flag can also be a key of the --config YAML file.",
         allow_abbrev=False,
     )
 
@@ -147,10 +172,25 @@ def pick_split(splits: Any, split: str, flag: str) -> Any:
     return splits[split]
 
 
+@contextlib.contextmanager
+def no_progress_bars():
+    """Hide datasets' "Generating train split" bars while the data loads: an error after them is one line."""
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
+    enabled = is_progress_bar_enabled()
+    disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            enable_progress_bar()
+
+
 def load_datasets(script_args: ScriptArguments, dataset_args: DatasetMixtureConfig, training_args: Any):
     """(train, eval) as `trl sft` picks them: `--dataset_train_split`, and `--dataset_test_split` when
     `eval_strategy` is not "no" (else None)."""
-    splits = load_splits(script_args, dataset_args)
+    with no_progress_bars():
+        splits = load_splits(script_args, dataset_args)
     train_dataset = pick_split(splits, script_args.dataset_train_split, "--dataset_train_split")
     if training_args.eval_strategy == "no":
         return train_dataset, None
@@ -160,6 +200,16 @@ def load_datasets(script_args: ScriptArguments, dataset_args: DatasetMixtureConf
 def names_a_dataset(script_args: ScriptArguments, dataset_args: DatasetMixtureConfig) -> bool:
     """Whether data is named (`--dataset_name` or a `datasets:` mixture); the examples generate rows otherwise."""
     return bool(script_args.dataset_name or dataset_args.datasets)
+
+
+def check_rows(method: str, training_args: Any, train_dataset: Any, eval_dataset: Any) -> None:
+    """The method trainer's own checks of the rows, run before the model loads (as the trainer runs them when it
+    loads the model itself), so that a bad file is one line in a second rather than after the weights load."""
+    trainer_class = get_method(method).trainer_class()
+    checker = trainer_class.__new__(trainer_class)  # the class's checks only read class attributes: no model needed
+    checker._check_fields(checker._check_and_convert(train_dataset, training_args, None), training_args, None)
+    if eval_dataset is not None:
+        checker._check_and_convert(eval_dataset, training_args, None, "eval")
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -205,12 +255,16 @@ def peft_config(model_args: ModelConfig, training_args: Any):
 
 
 # ----------------------------------------------------------------------------------------------- run
-def finish(trainer: Any, method: str, training_args: Any, script_args: ScriptArguments | None = None) -> None:
-    """Save the model with TRL's model card (the method's tags and paper from the registry), write what the method
-    writes after training, push to the Hub with `--push_to_hub`, and close the trackers."""
+def finish(
+    trainer: Any, method: str, training_args: Any, script_args: ScriptArguments | None = None, save: bool = True
+) -> None:
+    """Save the model (unless `save=False`: the method wrote it already) with TRL's model card (the method's tags and
+    paper from the registry), write what the method writes after training, push to the Hub with `--push_to_hub`,
+    and close the trackers."""
     spec = get_method(method)
     output_dir = training_args.output_dir
-    trainer.save_model(output_dir)
+    if save:
+        trainer.save_model(output_dir)
     model_name = training_args.hub_model_id.split("/")[-1] if training_args.hub_model_id else Path(output_dir).name
     # Written after save_model: PEFT's save_pretrained leaves its placeholder card in the same README.md.
     dataset_name = getattr(script_args, "dataset_name", None)
@@ -234,9 +288,18 @@ def quiet() -> None:
 
 def train(method: str, args: list[str] | None = None) -> int:
     """`robust-sft train <method> [flags]`: load, train, save with a model card. Returns the exit code."""
+    from ..preparation import check_output_dir
+
     quiet()
     script_args, training_args, model_args, dataset_args = parse_args(method, args)
+    check_output_dir(training_args.output_dir)
+    if method == "realign":  # a DPO run over a task vector: its own inputs
+        from .realign import realign
+
+        return realign(script_args, training_args, model_args)
     train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args)
+    with no_progress_bars():
+        check_rows(method, training_args, train_dataset, eval_dataset)
     peft = peft_config(model_args, training_args)
     model, tokenizer = load_model(model_args, training_args)
     trainer = get_method(method).trainer_class()(
