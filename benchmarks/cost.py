@@ -25,7 +25,7 @@ from common import RESULTS, SHARED_DATA, machine, scratch_dir, write_report
 # name -> (trainer, config overrides)
 CONFIGURATIONS = {
     "SFTTrainer (trl)": ("trl", {}),
-    "RobustSFTTrainer": ("robust", {}),
+    "RobustSFTTrainer": ("sft", {}),
     "TAIATrainer": ("taia", {}),
     # ANIT at its defaults but for the named option: the two-pass step on every step (<= 2x SFT expected), the default
     # schedule (the term every 2nd step: compare the mean step time, ~1.5x), the single-backward fallback
@@ -102,23 +102,11 @@ def run_one(name: str, quick: bool, steps: int, batch_size: int, output: str) ->
         from trl import SFTConfig, SFTTrainer
 
         trainer_class, config = SFTTrainer, SFTConfig(**common)
-    elif kind == "robust":
-        from robust_sft import RobustSFTConfig, RobustSFTTrainer
+    else:  # every robust_sft trainer from the method registry, with the one LoRA default (all linear layers)
+        from robust_sft import get_method
 
-        trainer_class, config = RobustSFTTrainer, RobustSFTConfig(**common)
-    elif kind == "taia":
-        from robust_sft.taia import TAIAConfig, TAIATrainer
-
-        trainer_class, config = TAIATrainer, TAIAConfig(**common)
-        lora.target_modules = None
-    elif kind == "delia":  # ratio 0 keeps the batches identical: what is measured is the source tag and its loss hook
-        from robust_sft.delia import DELIAConfig, DELIATrainer
-
-        trainer_class, config = DELIATrainer, DELIAConfig(**common, **overrides)
-    else:
-        from robust_sft.anit import ANITConfig, ANITTrainer
-
-        trainer_class, config = ANITTrainer, ANITConfig(**common, **overrides)
+        method = get_method(kind)
+        trainer_class, config = method.trainer_class(), method.config_class()(**common, **overrides)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
 
     class StepTimer(TrainerCallback):
