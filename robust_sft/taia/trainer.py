@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 class TAIATrainer(RobustSFTTrainer):
     """TAIA: train LoRA on all attention and MLP weights (or fully fine-tune), infer with the attention updates only.
 
-    Overrides of the base: `__init__` (LoRA targets, TOA freezing, the pre-trained snapshot), `evaluation_loop`
+    Overrides of the base: `_prepare_model` (LoRA targets, TOA freezing, the pre-trained snapshot), `evaluation_loop`
     (the `eval_keep` view) and `save_model` (documentation only); TAIA itself acts at export.
 
     A drop-in for [`~trl.SFTTrainer`] (see [`RobustSFTTrainer`] for the shared data and model handling). With a
@@ -64,12 +64,16 @@ class TAIATrainer(RobustSFTTrainer):
         args = args if args is not None else TAIAConfig(output_dir="taia-output")
         if not isinstance(args, TAIAConfig):
             raise TypeError(f"TAIATrainer needs a TAIAConfig, got {type(args).__name__}.")
-        if model is None or isinstance(model, (str, os.PathLike)):
-            model, tokenizer = self._load_model(model, args, kwargs.pop("quantization_config", None))
-            kwargs.setdefault("processing_class", tokenizer)
+        # The base loads the model after checking the output folder and the rows; `_prepare_model` does the rest.
+        super().__init__(model, args, *pargs, peft_config=peft_config, **kwargs)
+
+    def _prepare_model(self, model, processing_class, args: TAIAConfig, kwargs):
+        """The attention / MLP split, the LoRA targets (`kwargs["peft_config"]`), TOA freezing and the snapshot of
+        the pre-trained tensors a full-fine-tuning export restores."""
         self.module_split = split_modules(model, args.attention_modules, args.mlp_modules)
+        peft_config = kwargs.get("peft_config")
         if peft_config is not None:
-            peft_config = self._target_lora(peft_config, args)
+            kwargs["peft_config"] = self._target_lora(peft_config, args)
         elif is_peft_model(model):
             pass  # a PEFT model passed in: a LoRA run with the adapters it carries
         elif is_quantized(model):
@@ -81,7 +85,7 @@ class TAIATrainer(RobustSFTTrainer):
             dropped = {group for keep in (args.keep, args.eval_keep) if keep for group in dropped_groups(keep)}
             self._base_state = base_tensors(model, [n for g in sorted(dropped) for n in getattr(self.module_split, g)])
         self._base_name = getattr(model.config, "_name_or_path", None)
-        super().__init__(model, args, *pargs, peft_config=peft_config, **kwargs)
+        return model
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _target_lora(self, peft_config, args: TAIAConfig):
