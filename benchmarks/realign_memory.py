@@ -1,9 +1,11 @@
 """Peak memory of safety realignment against the fine-tuned LoRA model it starts from.
 
     python benchmarks/realign_memory.py            # embedded SmolLM2-135M-Instruct, float32 on CPU
+    python benchmarks/realign_memory.py --batch 1 --max-length 128 --rows lora-model lora-dpo realign-lora \
+        realign-lora-copy                          # smaller activations: the LoRA rows only
     python benchmarks/realign_memory.py --quick    # tiny in-process model (the smoke run)
 
-Every row runs in a fresh process, on the same preference batches (hh-rlhf harmless pairs, batch 2 pairs,
+Every row runs in a fresh process, on the same preference batches (hh-rlhf harmless pairs, default batch 2 pairs,
 max_length 256, gradient checkpointing on: DPOConfig's defaults otherwise, 2 optimiser steps). Two measures:
 - peak RSS above the process's RSS after its imports (VmHWM, reset after the imports; memory does not depend on CPU
   contention, unlike time). glibc is told to serve blocks over 64 KiB with mmap and give freed memory back at once
@@ -39,7 +41,7 @@ ROWS = {
     "realign-full-element-bf16": "realign, full mode, element masks, bfloat16 logits",
     "realign-full-row": "realign, full mode, row masks",
 }
-MAX_LENGTH, BATCH, STEPS = 256, 2, 2
+STEPS = 2
 ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "2"}
 
 
@@ -66,12 +68,12 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def dpo_values(output_dir: str) -> dict:
+def dpo_values(output_dir: str, batch: int, max_length: int) -> dict:
     """The DPOConfig values every row shares (gradient checkpointing: DPOConfig's default, on)."""
     return dict(
         output_dir=output_dir,
-        per_device_train_batch_size=BATCH,
-        max_length=MAX_LENGTH,
+        per_device_train_batch_size=batch,
+        max_length=max_length,
         max_steps=STEPS,
         report_to=[],
         save_strategy="no",
@@ -82,7 +84,7 @@ def dpo_values(output_dir: str) -> dict:
     )
 
 
-def run_row(row: str, setup: Path) -> dict:
+def run_row(row: str, setup: Path, batch: int, max_length: int) -> dict:
 
     import torch
     from datasets import Dataset
@@ -112,13 +114,13 @@ def run_row(row: str, setup: Path) -> dict:
     result: dict = {"row": row}
     if row == "lora-model":
         model = PeftModel.from_pretrained(base(), setup / "adapter")
-        input_ids = torch.randint(0, len(tokenizer), (2 * BATCH, MAX_LENGTH))
+        input_ids = torch.randint(0, len(tokenizer), (2 * batch, max_length))
         with torch.no_grad():
             model(input_ids=input_ids)
         result["model_bytes"] = tensor_bytes([*model.parameters(), *model.buffers()])
     elif row == "lora-dpo":
         model = PeftModel.from_pretrained(base(), setup / "adapter", is_trainable=True)
-        config = DPOConfig(**dpo_values(str(setup / "run")))
+        config = DPOConfig(**dpo_values(str(setup / "run"), batch, max_length))
         DPOTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer).train()
         result["model_bytes"] = tensor_bytes([*model.parameters(), *model.buffers()])
     else:
@@ -142,7 +144,7 @@ def run_row(row: str, setup: Path) -> dict:
             model=model,
             task_vector=vector,
             ref_model=reference,
-            args=SafetyRealignConfig(**dpo_values(str(setup / "run")), **overrides),
+            args=SafetyRealignConfig(**dpo_values(str(setup / "run"), batch, max_length), **overrides),
             train_dataset=pairs,
             processing_class=tokenizer,
         )
@@ -172,7 +174,7 @@ def run_row(row: str, setup: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ setup (parent)
-def prepare(quick: bool, folder: Path) -> None:
+def prepare(quick: bool, folder: Path, pairs: int, max_length: int) -> None:
     """base model, a LoRA fine-tune (r 16, all linear layers; random values: memory does not depend on them), the
     merged full fine-tune, and the preference pairs."""
     import torch
@@ -197,30 +199,43 @@ def prepare(quick: bool, folder: Path) -> None:
                 parameter.mul_(0.01)
     adapter.save_pretrained(folder / "adapter")
     adapter.merge_and_unload().save_pretrained(folder / "full")
-    pairs = load_hh_rlhf(SHARED_DATA / "hh_harmless" / "test.jsonl.gz", limit=BATCH * STEPS)
-    pairs.to_json(str(folder / "pairs.jsonl"))
+    candidates = load_hh_rlhf(SHARED_DATA / "hh_harmless" / "test.jsonl.gz", limit=200)
+    fits = [  # the first pairs whose prompt leaves room for an answer (DPO drops fully truncated pairs)
+        index
+        for index, row in enumerate(candidates)
+        if len(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True)["input_ids"]) < max_length - 16
+    ]
+    candidates.select(fits[:pairs]).to_json(str(folder / "pairs.jsonl"))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser(__doc__)
+    parser.add_argument("--batch", type=int, default=2, help="Preference pairs per batch.")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--row", choices=list(ROWS), help=argparse_hidden())
     parser.add_argument("--setup", help=argparse_hidden())
     args = parser.parse_args(argv)
+    if "lora-model" not in args.rows:
+        parser.error("--rows must include lora-model (the reference point of the ratios).")
     if args.row:  # a child process: one row, its JSON on the last line of stdout
-        print(json.dumps(run_row(args.row, Path(args.setup))))
+        print(json.dumps(run_row(args.row, Path(args.setup), args.batch, args.max_length)))
         return 0
     setup = Path(scratch_dir("realign-memory"))
-    prepare(args.quick, setup)
+    prepare(args.quick, setup, args.batch * STEPS, args.max_length)
     results = {}
-    for row in ROWS:
+    for row in args.rows:
         command = [sys.executable, __file__, "--row", row, "--setup", str(setup)]
+        command += ["--batch", str(args.batch), "--max-length", str(args.max_length)]
         completed = subprocess.run(command, capture_output=True, text=True, env=os.environ | ALLOCATOR)
         if completed.returncode != 0:
             raise RuntimeError(f"row {row} failed:\n{completed.stderr[-3000:]}")
         results[row] = json.loads(completed.stdout.strip().splitlines()[-1])
         print(f"{ROWS[row]:>52}: peak {results[row]['peak_above_imports_mib']:.0f} MiB above imports", flush=True)
     report = summarise(results, args)
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-quick" if args.quick else "") + (
+        "" if (args.batch, args.max_length) == (2, 256) else f"-b{args.batch}-l{args.max_length}"
+    )
     write_report(args.output_dir, f"realign-memory{suffix}", report)
     (Path(args.output_dir) / f"realign-memory{suffix}.md").write_text(table(report))
     print(table(report))
@@ -242,10 +257,15 @@ def summarise(results: dict, args) -> dict:
             row["realign_bytes_per_masked_element"] = row["realign_bytes"] / row["masked_elements"]
     return {
         "benchmark": "realign-memory",
-        "command": "python benchmarks/realign_memory.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/realign_memory.py " + " ".join(sys.argv[1:]),
         "machine": machine(),
         "model": "tiny llama (robust_sft.testing)" if args.quick else "SmolLM2-135M-Instruct (embedded), float32",
-        "settings": {"batch_pairs": BATCH, "max_length": MAX_LENGTH, "steps": STEPS, "gradient_checkpointing": True},
+        "settings": {
+            "batch_pairs": args.batch,
+            "max_length": args.max_length,
+            "steps": STEPS,
+            "gradient_checkpointing": True,
+        },
         "measure": "peak RSS above the RSS after imports (VmHWM reset after imports), one process per row",
         "allocator": ALLOCATOR,
         "rows": {ROWS[key]: value for key, value in results.items()},
