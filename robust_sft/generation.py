@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections import deque
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,3 +66,242 @@ def generate_answers(
     finally:
         model.train(was_training)
     return answers
+
+
+# ------------------------------------------------------------------------------------------------ sampling engine
+@dataclass(frozen=True)
+class Continuation:
+    """One finished row of [`sample_continuations`]: its index in the prompts, its new tokens (without the stop
+    token) and why it ended: `"stop"` (a stop token) or `"length"` (cut off by `max_new_tokens`)."""
+
+    index: int
+    token_ids: list[int]
+    finish_reason: str
+
+
+def end_of_turn_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> list[int]:
+    """The tokens that end an assistant turn: the one the chat template writes after an answer (`<|im_end|>`,
+    `<|eot_id|>`, `<end_of_turn>`, ...), the tokenizer's EOS and the model's generation-config EOS ids.
+
+    The template's token is read off a rendered conversation, so it is right for any template; generation that stops
+    only on the generation config's EOS would run past the end of the turn when the config does not list it.
+    """
+    ids: list[int] = []
+    if getattr(tokenizer, "chat_template", None):
+        marker = "\u2063ANSWER\u2063"  # an invisible separator: never merged with the template's own text
+        chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}]
+        try:
+            rendered = tokenizer.apply_chat_template(chat, tokenize=False)
+        except Exception:  # a template that cannot render this chat: fall back on the EOS ids
+            rendered = ""
+        if marker in rendered:
+            after = rendered.split(marker, 1)[1]
+            special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+            following = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+            ids += [token for token in following if token in special]
+    eos_ids: list[Any] = [tokenizer.eos_token_id]
+    if model is not None and getattr(model, "generation_config", None) is not None:
+        eos_ids.append(model.generation_config.eos_token_id)
+    for value in eos_ids:
+        ids += [value] if isinstance(value, int) else list(value or [])
+    return list(dict.fromkeys(token for token in ids if token is not None))
+
+
+def _accepts(model: torch.nn.Module, argument: str) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return argument in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class _Rows:
+    """The rows in flight: their KV cache (left-padded to a common length), its attention mask (one column per cached
+    token), each row's next position and next input token (chosen, not yet in the cache), tokens so far and
+    sampling generator."""
+
+    def __init__(self, cache: Any, mask: torch.Tensor, position: torch.Tensor, rows: list[int], generators: list):
+        self.cache, self.mask, self.position, self.rows, self.generators = cache, mask, position, rows, generators
+        self.next_token = torch.empty(0, dtype=torch.long, device=mask.device)
+        self.tokens: list[list[int]] = [[] for _ in rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def keep(self, keep: list[int]) -> None:
+        """Only the rows at `keep` stay; KV columns that are padding for every remaining row are dropped."""
+        if not keep:  # the batch is done: nothing left to select
+            self.rows, self.tokens, self.generators = [], [], []
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.mask, self.position, self.next_token = self.mask[index], self.position[index], self.next_token[index]
+        self.rows = [self.rows[i] for i in keep]
+        self.tokens = [self.tokens[i] for i in keep]
+        self.generators = [self.generators[i] for i in keep] if self.generators else []
+        if not _croppable(self.cache):
+            for layer in self.cache.layers:
+                layer.batch_select_indices(index)
+            return
+        start = int(self.mask.any(0).long().argmax())  # the first column some remaining row attends to
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+
+
+def _croppable(cache: Any) -> bool:
+    """Whether every layer is a plain growing KV cache (no sliding window, no recurrent state): rows of such caches
+    can be re-padded and merged."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _merge(old: _Rows, new: _Rows) -> _Rows:
+    """Rows in flight and freshly prefilled rows in one batch: both KV caches left-padded to the longer length."""
+    length = max(old.mask.shape[1], new.mask.shape[1])
+
+    def pad(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        missing = length - tensor.shape[dim]
+        if missing == 0:
+            return tensor
+        shape = list(tensor.shape)
+        shape[dim] = missing
+        return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+    for layer, extra in zip(old.cache.layers, new.cache.layers, strict=True):
+        layer.keys = torch.cat([pad(layer.keys, 2), pad(extra.keys, 2)])
+        layer.values = torch.cat([pad(layer.values, 2), pad(extra.values, 2)])
+    merged = _Rows(
+        old.cache,
+        torch.cat([pad(old.mask, 1), pad(new.mask, 1)]),
+        torch.cat([old.position, new.position]),
+        old.rows + new.rows,
+        old.generators + new.generators,
+    )
+    merged.next_token = torch.cat([old.next_token, new.next_token])
+    merged.tokens = old.tokens + new.tokens
+    return merged
+
+
+@torch.inference_mode()
+def sample_continuations(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    stop_token_ids: Collection[int] = (),
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seeds: Sequence[int] | None = None,
+    pad_token_id: int = 0,
+) -> Iterator[Continuation]:
+    """Continue token-id prompts in batches and yield each row as soon as it finishes (in finishing order).
+
+    Up to `batch_size` rows run together. A row leaves the batch as soon as it writes a stop token or reaches
+    `max_new_tokens`, so a batch never waits for its longest row; when half the batch has left, the next prompts are
+    prefilled and join it (their KV caches left-padded to a common length). Give the prompts sorted by length so
+    that each prefill wastes little on padding.
+
+    `temperature=0` is greedy decoding. Otherwise each token is drawn after temperature and top-p, exactly as
+    `model.generate(do_sample=True)` draws it, but from a generator of the row's own, seeded with `seeds[i]`: a row's
+    answer depends on its prompt and seed only, not on the rows it shares a batch with (up to float rounding) nor on
+    the global RNG, which is left untouched.
+
+    Needs a decoder-only model whose forward takes `attention_mask`, `position_ids` and `past_key_values`, as
+    `generate` does. Rows join a running batch only when every cache layer is a plain growing one (no sliding
+    window, no recurrent state); otherwise the next prompts wait for the batch to empty.
+    """
+    from transformers import DynamicCache
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}.")
+    sampling = temperature > 0
+    if sampling and (seeds is None or len(seeds) != len(prompts)):
+        raise ValueError("Sampling (temperature > 0) needs one seed per prompt.")
+    for index, prompt in enumerate(prompts):
+        if not len(prompt):
+            raise ValueError(f"Prompt {index} is empty.")
+    device = _model_device(model)
+    stops = set(stop_token_ids)
+    top_p_warper = TopPLogitsWarper(top_p) if sampling and top_p < 1 else None
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+
+    def choose(logits: torch.Tensor, generators: list) -> torch.Tensor:
+        logits = logits.float()
+        if not sampling:
+            return logits.argmax(-1)
+        scores = logits / temperature
+        if top_p_warper is not None:
+            scores = top_p_warper(None, scores)
+        probabilities = scores.softmax(-1)
+        return torch.cat(
+            [torch.multinomial(row, 1, generator=gen) for row, gen in zip(probabilities, generators, strict=True)]
+        )
+
+    def prefill(rows: list[int]) -> _Rows:
+        longest = max(len(prompts[row]) for row in rows)
+        ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, row in enumerate(rows):  # left padding: every row continues from its last column
+            ids[i, longest - len(prompts[row]) :] = torch.tensor(list(prompts[row]))
+            mask[i, longest - len(prompts[row]) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        output = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, **extra
+        )
+        generators = []
+        if sampling:
+            for row in rows:
+                generators.append(torch.Generator(device=device).manual_seed(int(seeds[row])))
+        state = _Rows(output.past_key_values, mask, positions[:, -1] + 1, rows, generators)
+        state.next_token = choose(output.logits[:, -1], generators)
+        return state
+
+    def advance(rows: _Rows) -> Iterator[Continuation]:
+        """Take each row's newly chosen token: a stop token or the length limit ends the row (it leaves the batch),
+        any other token is kept and fed back at the next step."""
+        keep = []
+        for i, token in enumerate(rows.next_token.tolist()):
+            if token in stops:
+                yield Continuation(rows.rows[i], rows.tokens[i], "stop")
+                continue
+            rows.tokens[i].append(token)
+            if len(rows.tokens[i]) >= max_new_tokens:
+                yield Continuation(rows.rows[i], rows.tokens[i], "length")
+                continue
+            keep.append(i)
+        if len(keep) < len(rows):
+            rows.keep(keep)
+
+    queue = deque(range(len(prompts)))
+    state: _Rows | None = None
+    while queue or state is not None:
+        if queue and (state is None or (len(state) <= batch_size // 2 and _croppable(state.cache))):
+            count = batch_size - (len(state) if state is not None else 0)
+            fresh = prefill([queue.popleft() for _ in range(min(count, len(queue)))])
+            yield from advance(fresh)
+            if len(fresh):
+                state = fresh if state is None else _merge(state, fresh)
+            continue
+        state.mask = torch.cat([state.mask, state.mask.new_ones((len(state), 1))], dim=1)
+        output = model(
+            input_ids=state.next_token[:, None],
+            attention_mask=state.mask,
+            position_ids=state.position[:, None],
+            past_key_values=state.cache,
+            use_cache=True,
+            **extra,
+        )
+        state.position = state.position + 1
+        state.next_token = choose(output.logits[:, -1], state.generators)
+        yield from advance(state)
+        if not len(state):
+            state = None

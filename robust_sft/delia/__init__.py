@@ -7,11 +7,13 @@ itself. [`DELIATrainer`] mixes `len(task) + min(len(cache), int(len(task) * dive
 the diverse losses separately, and adds new special tokens (e.g. `<sep>`) with trainable, correctly initialised
 embeddings.
 
-Files: `cache.py` (`build_cache`), `tokens.py` (new special tokens), `config.py`, `trainer.py`.
+Files: `cache.py` (`build_cache`), `store.py` (the cache file, its settings record, lock and shards),
+`vllm_backend.py`, `tokens.py` (new special tokens), `config.py`, `trainer.py`.
 """
 
 from .cache import Query, build_cache, one_shot_messages, read_queries, render_prompt
 from .config import DELIAConfig
+from .store import CacheError, CacheResult, merge_cache_shards
 from .tokens import add_special_tokens, initialise_new_rows, load_dsft_model, with_embedding_target
 from .trainer import DELIATrainer, load_diverse_dataset
 
@@ -20,6 +22,8 @@ DSFTConfig = DELIAConfig
 DSFTTrainer = DELIATrainer
 
 __all__ = [
+    "CacheError",
+    "CacheResult",
     "DELIAConfig",
     "DELIATrainer",
     "DSFTConfig",
@@ -30,6 +34,7 @@ __all__ = [
     "initialise_new_rows",
     "load_diverse_dataset",
     "load_dsft_model",
+    "merge_cache_shards",
     "one_shot_messages",
     "read_queries",
     "render_prompt",

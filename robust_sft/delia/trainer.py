@@ -20,16 +20,26 @@ from ..methods import DELIA_PAPER
 from ..trainer import RobustSFTTrainer
 from ..trl_internals import captured_outputs, fused_output
 from .config import SOURCES, DELIAConfig
+from .store import is_usable, meta_path, read_rows
 from .tokens import DSFT_FILE, add_special_tokens, with_embedding_target
 
 logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ diverse data
-def load_diverse_dataset(source: Dataset | str | os.PathLike | Sequence[str | os.PathLike]) -> Dataset:
-    """The diverse rows: a Dataset, a cache file written by [`build_cache`], or a list of such files."""
+def load_diverse_dataset(
+    source: Dataset | str | os.PathLike | Sequence[str | os.PathLike], keep_truncated: bool = False
+) -> Dataset:
+    """The diverse rows: a Dataset, a cache file written by [`build_cache`], or a list of such files.
+
+    Rows that [`build_cache`] flagged as cut off by `max_new_tokens` (`finish_reason: "length"`) and empty answers
+    are dropped (counted in the log), unless `keep_truncated`: a truncated answer trained with an end-of-turn token
+    appended would teach the model to stop mid-sentence. Other data files are read by the data layer.
+    """
     if isinstance(source, Dataset):
-        return source
+        if "finish_reason" not in source.column_names or keep_truncated:
+            return source
+        return _drop_unusable(source.to_list(), "the diverse Dataset")
     paths = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not paths:
         raise ValueError("diverse_dataset is an empty list of files.")
@@ -39,9 +49,43 @@ def load_diverse_dataset(source: Dataset | str | os.PathLike | Sequence[str | os
             f"Diverse data file(s) {missing} do not exist. Build a cache with `robust_sft.delia.build_cache(...)` "
             "or `robust-sft build-cache --queries QUERIES --output CACHE.jsonl`, or pass a Dataset."
         )
-    parts = [load_examples(path) for path in paths]
+    parts = [_load_diverse_file(Path(path), keep_truncated) for path in paths]
     parts = [part.select_columns(["messages"]) if "messages" in part.column_names else part for part in parts]
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def _load_diverse_file(path: Path, keep_truncated: bool) -> Dataset:
+    """A build_cache file is read line by line (`\n` only, whatever the text); any other file by the data layer."""
+    if path.suffix == ".jsonl":
+        rows, _ = read_rows(path) if _is_cache(path) else ([], 0)
+        if rows:
+            return Dataset.from_list(rows) if keep_truncated else _drop_unusable(rows, str(path))
+    return load_examples(path)
+
+
+def _is_cache(path: Path) -> bool:
+    if meta_path(path).is_file():
+        return True
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return '"query_key"' in handle.readline()
+
+
+def _drop_unusable(rows: list[dict[str, Any]], name: str) -> Dataset:
+    usable = [row for row in rows if is_usable(row)]
+    if len(usable) < len(rows):
+        truncated = sum(row.get("finish_reason") == "length" for row in rows)
+        logger.warning(
+            "DELIA: %s: dropped %d of %d rows (%d cut off by max_new_tokens, %d empty answers); pass "
+            "keep_truncated=True to keep them.",
+            name,
+            len(rows) - len(usable),
+            len(rows),
+            truncated,
+            len(rows) - len(usable) - truncated,
+        )
+    if not usable:
+        raise ValueError(f"{name} has no usable row (all {len(rows)} are truncated or empty): raise max_new_tokens.")
+    return Dataset.from_list([{"messages": row["messages"]} for row in usable])
 
 
 class DELIATrainer(RobustSFTTrainer):

@@ -1,0 +1,116 @@
+"""build_cache on vLLM: token ids in, one seed per request, rows written chunk by chunk, the engine freed after.
+
+Not run in this project's CI or on its machines (no GPU, vLLM not installed): the request contract is tested against
+vLLM's real classes when vLLM is importable (`tests/test_delia_cache.py`), and skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from .cache import CHUNK_BATCHES, Query, cache_row, progress_bar, prompt_ids, row_seed, sampling_order
+from .store import append_rows
+
+logger = logging.getLogger(__name__)
+
+
+def vllm_requests(
+    prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None, generation: dict[str, Any]
+) -> tuple[list[Any], list[Any]]:
+    """vLLM's inputs for `prompts`: token-id prompts (`TokensPrompt`, so vLLM adds no special token: the rendered
+    template has them already) and one `SamplingParams` per request, with the request's own seed."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    sampling = generation["do_sample"]
+    requests = [TokensPrompt(prompt_token_ids=list(prompt)) for prompt in prompts]
+    params = [
+        SamplingParams(
+            temperature=generation["temperature"] if sampling else 0.0,
+            top_p=generation["top_p"] if sampling else 1.0,
+            max_tokens=generation["max_new_tokens"],
+            seed=seeds[i] if sampling else None,
+            stop_token_ids=list(generation["stop_token_ids"]),
+        )
+        for i in range(len(prompts))
+    ]
+    return requests, params
+
+
+def finish_reason(completion: Any) -> str:
+    """`"length"` when vLLM cut the answer at `max_tokens`, `"stop"` when it ended on a stop token or EOS."""
+    if completion.finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM did not finish a request (finish_reason={completion.finish_reason!r}).")
+    return completion.finish_reason
+
+
+def release_parallel_state() -> None:
+    """Tear down vLLM's model-parallel groups, so that the engine's memory can go and training can start."""
+    try:
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    except Exception as error:  # a vLLM without these: collecting the engine below still frees its weights
+        logger.debug("vLLM parallel state not destroyed: %s", error)
+
+
+def collect_gpu_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def sample_with_vllm(
+    model_path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    pending: list[Query],
+    target: Path,
+    generation: dict[str, Any],
+    *,
+    batch_size: int,
+    system_prompt: str | None,
+    seed: int,
+    progress: bool,
+    vllm_kwargs: dict[str, Any] | None,
+) -> tuple[int, int]:
+    """Sample `pending` with a vLLM engine built from `model_path` and `vllm_kwargs` (e.g. `tensor_parallel_size`,
+    `gpu_memory_utilization`, `max_model_len`), `batch_size * CHUNK_BATCHES` requests per call, each call's rows
+    appended before the next. Returns (rows written, of which truncated)."""
+    try:
+        from vllm import LLM
+    except ImportError:
+        raise ImportError("backend='vllm' needs vLLM: `pip install robust_sft[vllm]` (a CUDA machine).") from None
+    prompts = [prompt_ids(tokenizer, query, system_prompt) for query in pending]
+    order = sampling_order(pending, prompts)
+    llm = LLM(model=model_path, seed=seed, **(vllm_kwargs or {}))
+    written = truncated = 0
+    try:
+        with open(target, "ab") as handle, progress_bar(len(pending), target, progress) as bar:
+            for start in range(0, len(order), batch_size * CHUNK_BATCHES):
+                chunk = order[start : start + batch_size * CHUNK_BATCHES]
+                seeds = [row_seed(seed, pending[i].key) for i in chunk]
+                requests, params = vllm_requests([prompts[i] for i in chunk], seeds, generation)
+                outputs = llm.generate(requests, params, use_tqdm=False)
+                rows = []
+                for i, output in zip(chunk, outputs, strict=True):
+                    completion = output.outputs[0]
+                    answer = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
+                    rows.append(cache_row(pending[i], answer, finish_reason(completion)))
+                append_rows(handle, rows)
+                bar.update(len(rows))
+                written += len(rows)
+                truncated += sum(row["finish_reason"] == "length" for row in rows)
+    finally:  # the engine's GPU memory goes back before training starts in this process
+        release_parallel_state()
+        del llm
+        collect_gpu_memory()
+    return written, truncated
