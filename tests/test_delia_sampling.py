@@ -23,7 +23,7 @@ def stopping_tiny_model(tokenizer):
     (stop,) = end_of_turn_token_ids(tokenizer, model)
     with torch.no_grad():
         model.lm_head.weight.mul_(50)
-        model.lm_head.weight[stop] = model.lm_head.weight[101] * 1.01
+        model.lm_head.weight[stop] = model.lm_head.weight[33] * 1.01
     return model.eval()
 
 
