@@ -4,6 +4,7 @@ included), the settings record, the writer lock, shards, truncated answers, the 
 import importlib.util
 import json
 import logging
+import os
 import sys
 import threading
 import types
@@ -385,3 +386,52 @@ def test_cli_build_cache_then_train_delia(tmp_path, capsys):
     assert main(command) == 0
     assert (out / "adapter_config.json").is_file()
     assert "<sep>" in (out / "tokenizer.json").read_text()
+
+
+SHARD_SCRIPT = """
+import json, sys
+import torch
+from robust_sft.delia import Query, build_cache
+from robust_sft.generation import end_of_turn_token_ids
+from robust_sft.testing import make_tiny_model, make_tiny_tokenizer
+
+torch.set_num_threads(1)
+tokenizer = make_tiny_tokenizer()
+model = make_tiny_model("llama", tokenizer)
+(stop,) = end_of_turn_token_ids(tokenizer, model)
+with torch.no_grad():  # the test's stopping_tiny_model
+    model.lm_head.weight.mul_(50)
+    model.lm_head.weight[stop] = model.lm_head.weight[33] * 1.01
+queries = [Query(**query) for query in json.loads(sys.argv[2])]
+options = json.loads(sys.argv[3])
+result = build_cache(model.eval(), tokenizer, queries, sys.argv[1], **options)
+print("RESULT", result.path, result.written, result.rows)
+"""
+
+
+@pytest.mark.slow
+def test_a_two_process_launch_shards_and_merges(tmp_path, model, tok):
+    """Under torchrun each rank samples its share into `<cache>.rank{i}`; rank 0 merges: one process's rows, once."""
+    import subprocess
+
+    from .test_distributed import _free_port
+
+    options = dict(batch_size=3, max_new_tokens=6, **SAMPLED)
+    one = build_cache(model, tok, MANY, tmp_path / "one.jsonl", **options)
+    single = {row["query_key"]: row for row in rows_of(one)}
+    script = tmp_path / "shard_build.py"
+    script.write_text(SHARD_SCRIPT)
+    path = tmp_path / "cache.jsonl"
+    queries = json.dumps([{"text": query.text, "reference": query.reference} for query in MANY])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), str(script), str(path), queries, json.dumps(options)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [line.split() for line in result.stdout.splitlines() if line.startswith("RESULT")]
+    assert len(reports) == 2 and {report[1] for report in reports} == {str(path)}
+    assert sum(int(report[2]) for report in reports) == 20  # each rank sampled its own share
+    rows = rows_of(path)
+    assert len(rows) == len({row["query_key"] for row in rows}) == 20
+    assert {row["query_key"]: row for row in rows} == single
+    assert not any(shard_path(path, rank).exists() for rank in range(2))

@@ -185,9 +185,13 @@ def _launch(shard: tuple[int, int] | None) -> tuple[int, int, Callable[[], None]
         return rank, world, None
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, None
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    # The process group the trainer will use too (accelerate's state is shared); a CPU-only launch must say so.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes <= 1:
+        raise RuntimeError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but no process group could be set up.")
     return state.process_index, state.num_processes, state.wait_for_everyone
 
 
