@@ -16,7 +16,7 @@ from robust_sft.delia import (
     load_diverse_dataset,
     load_dsft_model,
 )
-from robust_sft.testing import make_tiny_model, make_tiny_tokenizer, save_tiny_model
+from robust_sft.testing import make_tiny_model, make_tiny_tokenizer
 
 from .conftest import train_args
 
@@ -98,6 +98,32 @@ def test_missing_diverse_data_is_refused_clearly(tmp_path, tokenizer):
         load_diverse_dataset(tmp_path / "no-cache.jsonl")
 
 
+def test_the_diverse_count_has_no_float_truncation(tmp_path, tokenizer):
+    task = [{"instruction": f"Condense: item {i} is red.", "output": f"item {i} red"} for i in range(25)]
+    assert int(25 * 1.16) == 28  # what float arithmetic gives
+    trainer = make_trainer(tmp_path, tokenizer, task=task, diverse_ratio=1.16)
+    assert trainer.mix_counts == {"task": 25, "diverse": 29}
+
+
+def test_losses_that_bypass_the_source_weights_are_refused(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.1"):
+        dsft_args(tmp_path, diverse_weight=0.5, label_smoothing_factor=0.1)
+    with pytest.raises(ValueError, match="loss_type='dft'"):
+        dsft_args(tmp_path, task_weight=2.0, loss_type="dft")
+    with pytest.raises(ValueError, match="compute_loss_func replaces TRL's loss"):
+        DELIATrainer(
+            model=make_tiny_model("llama", tokenizer),
+            args=dsft_args(tmp_path, diverse_weight=0.5),
+            train_dataset=Dataset.from_list(TASK),
+            diverse_dataset=Dataset.from_list(DIVERSE),
+            processing_class=tokenizer,
+            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum(),
+        )
+    dsft_args(tmp_path, label_smoothing_factor=0.1)  # unit weights: nothing to bypass
+    with pytest.raises(ValueError, match="new_token_training must be in"):
+        dsft_args(tmp_path, new_token_training="lm_head")
+
+
 # ---------------------------------------------------------------------------------------------- losses
 def test_per_source_losses_are_logged_and_parameters_change(tmp_path, tokenizer):
     trainer = make_trainer(tmp_path, tokenizer, diverse_ratio=1.0, max_steps=3, learning_rate=5e-2)
@@ -145,30 +171,55 @@ def test_new_token_row_is_the_mean_embedding_and_the_matrix_is_padded(tokenizer)
     assert model.get_input_embeddings().weight.shape[0] == 448
 
 
-def test_new_token_trains_and_survives_save_and_reload(tmp_path, caplog):
-    tokenizer = make_tiny_tokenizer()
-    base_dir = save_tiny_model(str(tmp_path / "base"))
+def tied_tiny_model(tokenizer):
+    """The tiny model with its LM head tied to the input embedding (as SmolLM2, Gemma, ...)."""
+    model = make_tiny_model("llama", tokenizer)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return model
+
+
+@pytest.mark.parametrize(
+    ("new_token_training", "tied"),
+    [("trainable_tokens", False), ("trainable_tokens", True), ("lora_embedding", False)],
+)
+def test_new_token_trains_and_survives_save_and_reload(tmp_path, caplog, new_token_training, tied):
     from transformers import AutoModelForCausalLM
 
+    tokenizer = make_tiny_tokenizer()
+    base_dir = str(tmp_path / "base")
+    (tied_tiny_model(tokenizer) if tied else make_tiny_model("llama", tokenizer)).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
     with caplog.at_level(logging.WARNING, logger="robust_sft.delia"):
         trainer = DELIATrainer(
             model=AutoModelForCausalLM.from_pretrained(base_dir),
-            args=dsft_args(tmp_path / "run", new_special_tokens=["<sep>"], max_steps=3, learning_rate=5e-2),
-            train_dataset=Dataset.from_list(TASK),
+            args=dsft_args(
+                tmp_path / "run",
+                new_special_tokens=["<sep>"],
+                new_token_training=new_token_training,
+                max_steps=3,
+                learning_rate=5e-2,
+            ),
+            train_dataset=Dataset.from_list(TASK),  # answers contain <sep>: its output row gets a gradient
             diverse_dataset=Dataset.from_list(DIVERSE),
             processing_class=tokenizer,
             peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"),
         )
-    assert "reads the new tokens but does not learn to write them" in caplog.text
+    writes = new_token_training == "trainable_tokens"
+    assert ("does not learn to write them" in caplog.text) != writes
     (sep,) = trainer.new_token_ids
-    embedding = trainer.model.get_input_embeddings()
+    embedding, head = trainer.model.get_input_embeddings(), trainer.model.get_output_embeddings()
     start = embedding(torch.tensor([sep])).detach().clone()
-    output_row = trainer.model.get_output_embeddings().weight[sep].detach().clone()
+    output_rows = head.weight.detach().clone()
     trainer.train()
     trained = embedding(torch.tensor([sep])).detach().clone()
     assert not torch.equal(start, trained)
-    # The limitation the warning names: LoRA leaves the output row of the new token where it started.
-    assert torch.equal(trainer.model.get_output_embeddings().weight[sep].detach(), output_row)
+    # The output row of the new token: trained by trainable tokens, left at its start by LoRA on the embedding.
+    assert torch.equal(head.weight[sep].detach(), output_rows[sep]) != writes
+    others = [row for row in range(len(tokenizer)) if row != sep]
+    if writes:  # and no other output row moved
+        assert torch.equal(head.weight[others].detach(), output_rows[others])
     seen = {token for ids in trainer.train_dataset["input_ids"] for token in ids}
     unused = torch.tensor([min(set(range(len(tokenizer))) - seen)])  # a token no training row contains
     base_embedding = AutoModelForCausalLM.from_pretrained(base_dir).get_input_embeddings()
@@ -182,6 +233,18 @@ def test_new_token_trains_and_survives_save_and_reload(tmp_path, caplog):
     trainer.model.eval()
     reloaded.eval()
     torch.testing.assert_close(reloaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits)
+
+
+def test_a_tokenizer_that_already_has_the_token_still_gets_rows():
+    tokenizer = make_tiny_tokenizer()
+    add_special_tokens(make_tiny_model("llama", make_tiny_tokenizer()), tokenizer, ["<sep>"])  # an earlier run's
+    model = make_tiny_model("llama", make_tiny_tokenizer())  # a fresh base model: 400 rows, <sep> is id 400
+    old = model.get_input_embeddings().weight.detach().clone()
+    (sep,) = add_special_tokens(model, tokenizer, ["<sep>"])
+    assert sep == 400 and model.get_input_embeddings().weight.shape[0] == 448
+    assert torch.equal(model.get_input_embeddings().weight[sep], old.mean(0))
+    logits = model(input_ids=torch.tensor([[5, sep]])).logits  # in range
+    assert logits.shape[-1] == 448
 
 
 def test_full_finetuning_trains_the_new_row(tmp_path):

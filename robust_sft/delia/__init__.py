@@ -14,7 +14,14 @@ Files: `cache.py` (`build_cache`), `store.py` (the cache file, its settings reco
 from .cache import Query, build_cache, one_shot_messages, read_queries, render_prompt
 from .config import DELIAConfig
 from .store import CacheError, CacheResult, merge_cache_shards
-from .tokens import add_special_tokens, initialise_new_rows, load_dsft_model, with_embedding_target
+from .tokens import (
+    add_special_tokens,
+    expose_head_bias,
+    initialise_new_rows,
+    load_dsft_model,
+    with_embedding_target,
+    with_trainable_tokens,
+)
 from .trainer import DELIATrainer, load_diverse_dataset
 
 # The names of earlier releases.
@@ -31,6 +38,7 @@ __all__ = [
     "Query",
     "add_special_tokens",
     "build_cache",
+    "expose_head_bias",
     "initialise_new_rows",
     "load_diverse_dataset",
     "load_dsft_model",
@@ -39,4 +47,5 @@ __all__ = [
     "read_queries",
     "render_prompt",
     "with_embedding_target",
+    "with_trainable_tokens",
 ]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from ..trainer import RobustSFTTrainer
 from ..trl_internals import captured_outputs, fused_output
 from .config import SOURCES, DELIAConfig
 from .store import is_usable, meta_path, read_rows
-from .tokens import DSFT_FILE, add_special_tokens, with_embedding_target
+from .tokens import DSFT_FILE, add_tokens_and_rows, expose_head_bias, with_embedding_target, with_trainable_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +124,12 @@ class DELIATrainer(RobustSFTTrainer):
         args = args if args is not None else DELIAConfig(output_dir="dsft-output")
         if not isinstance(args, DELIAConfig):
             raise TypeError(f"DELIATrainer needs a DELIAConfig, got {type(args).__name__}.")
+        weighted = args.task_weight != 1 or args.diverse_weight != 1
+        if weighted and kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "compute_loss_func replaces TRL's loss, which task_weight / diverse_weight reweight: the weights "
+                "would be ignored. Set both weights to 1, or fold the weighting into your loss function."
+            )
         if diverse_dataset is None and args.diverse_ratio > 0:
             raise ValueError(
                 "DELIATrainer needs `diverse_dataset` (a Dataset, a cache file from build_cache, or a list of files); "
@@ -140,6 +148,8 @@ class DELIATrainer(RobustSFTTrainer):
             **kwargs,
         )
         self._count_trained_rows()
+        if self.new_token_ids and args.new_token_training == "trainable_tokens":
+            expose_head_bias(self.accelerator.unwrap_model(self.model))
 
     def _count_trained_rows(self) -> None:
         """TRL drops rows that truncation left without a completion token: count what really trains, and say so."""
@@ -164,16 +174,25 @@ class DELIATrainer(RobustSFTTrainer):
         if processing_class is None:
             raise ValueError("new_special_tokens needs the tokenizer: pass processing_class.")
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        before = len(tokenizer)
-        self.new_token_ids = add_special_tokens(model, tokenizer, args.new_special_tokens, args.embedding_pad_multiple)
-        # The rows from here on were initialised by add_special_tokens (tokens added by an earlier run come last).
-        self._base_vocab_size = before if len(tokenizer) > before else min(self.new_token_ids)
-        if kwargs.get("peft_config") is not None:
-            kwargs["peft_config"] = with_embedding_target(kwargs["peft_config"], model)
+        self.new_token_ids, self._base_vocab_size = add_tokens_and_rows(
+            model, tokenizer, args.new_special_tokens, args.embedding_pad_multiple
+        )  # the rows from _base_vocab_size on start as the mean embedding (None: no row was touched)
+        peft_config = kwargs.get("peft_config")
+        if peft_config is None:
+            return model
+        if args.new_token_training == "trainable_tokens":
+            if not hasattr(peft_config, "trainable_token_indices"):
+                raise ValueError(
+                    f"new_token_training='trainable_tokens' needs a LoraConfig (PEFT's trainable_token_indices), got "
+                    f"{type(peft_config).__name__}: use LoRA, or new_token_training='lora_embedding'."
+                )
+            kwargs["peft_config"] = with_trainable_tokens(peft_config, model, self.new_token_ids)
+        else:
+            kwargs["peft_config"] = with_embedding_target(peft_config, model)
             logger.warning(
-                "DSFT with LoRA: the input rows of %s train (LoRA on the embedding), their output rows stay at the"
-                " mean initialisation, so the model reads the new tokens but does not learn to write them. Train"
-                " without peft_config (full fine-tuning) when the answers must contain them.",
+                "DSFT with LoRA on the embedding: the input rows of %s train, their output rows stay at the mean"
+                " initialisation, so the model reads the new tokens but does not learn to write them. Use"
+                " new_token_training='trainable_tokens' (or full fine-tuning) when the answers must contain them.",
                 args.new_special_tokens,
             )
         return model
@@ -196,6 +215,7 @@ class DELIATrainer(RobustSFTTrainer):
                 "new_special_tokens": list(self.args.new_special_tokens),
                 "base_vocab_size": self._base_vocab_size,
                 "embedding_pad_multiple": self.args.embedding_pad_multiple,
+                "new_token_training": self.args.new_token_training,
             }
             Path(output_dir, DSFT_FILE).write_text(json.dumps(record, indent=2))
 
@@ -211,7 +231,8 @@ class DELIATrainer(RobustSFTTrainer):
         return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
 
     def _mix(self, task: Dataset, processing_class: Any, args: DELIAConfig) -> Dataset:
-        wanted = int(len(task) * args.diverse_ratio)
+        # The ratio as written (Fraction("0.29")): int(100 * 0.29) would give 28.
+        wanted = math.floor(len(task) * Fraction(str(args.diverse_ratio)))
         available = len(self.diverse_dataset)
         if available < wanted:
             logger.warning(
