@@ -377,6 +377,11 @@ def test_cli_build_cache_then_train_delia(tmp_path, capsys):
                "--max-new-tokens", "10"]  # fmt: skip
     assert main(command) == 0
     assert f"{cache}: 10 rows." in capsys.readouterr().out
+    longer = [*command[:-1], "12", "--limit", "12"]
+    with pytest.raises(CacheError, match="generation.max_new_tokens: 10 in the cache, 12 now"):
+        main(longer)
+    assert main([*longer, "--force"]) == 0
+    assert f"{cache}: 12 rows." in capsys.readouterr().out
     data = tmp_path / "task.jsonl"
     data.write_text("\n".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i} <sep> ok"}) for i in range(8)))
     out = tmp_path / "run"
