@@ -440,3 +440,20 @@ def test_a_two_process_launch_shards_and_merges(tmp_path, model, tok):
     assert len(rows) == len({row["query_key"] for row in rows}) == 20
     assert {row["query_key"]: row for row in rows} == single
     assert not any(shard_path(path, rank).exists() for rank in range(2))
+
+
+def test_build_cache_benchmark_quick(tmp_path):
+    """benchmarks/build_cache.py --quick runs end to end: same rows batched and one by one, a speedup per row."""
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "build_cache.py")
+    command = [sys.executable, script, "--quick", "--threads", "1", "--skip", "continuous_batching",
+               "--output-dir", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "build_cache-quick.json").read_text())
+    rows = report["rows"]
+    assert list(rows) == ["one_by_one", "build_cache", "build_cache_batch1", "generate_batched"]
+    assert rows["one_by_one"]["speedup"] == 1.0 and rows["build_cache"]["same_rows"] is True
+    assert rows["build_cache"]["new_tokens"] == rows["one_by_one"]["new_tokens"] > 0
+    assert report["queries"] == 6 and report["settings"]["stop_token_ids"]

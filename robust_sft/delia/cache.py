@@ -143,11 +143,12 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, query: Query, system_prompt: 
     ]
 
 
-def cache_row(query: Query, answer: str, finish_reason: str) -> dict[str, Any]:
+def cache_row(query: Query, answer: str, finish_reason: str, new_tokens: int) -> dict[str, Any]:
     return {
         "messages": [{"role": "user", "content": query.text}, {"role": "assistant", "content": answer}],
         "query_key": query.key,
         "finish_reason": finish_reason,
+        "new_tokens": new_tokens,
     }
 
 
@@ -265,7 +266,8 @@ def build_cache(
     Each query is asked with the paper's one-shot prompt (query, its reference answer as the demonstration, the query
     again; `add_generation_prompt` always) and one answer is sampled (temperature 0.7, top_p 0.95, up to 512 new
     tokens by default; `do_sample=False` for greedy), stopping at the chat template's end-of-turn token. Rows are
-    `{"messages": [user = query, assistant = answer], "query_key": ..., "finish_reason": "stop" | "length"}`; answers
+    `{"messages": [user = query, assistant = answer], "query_key": ..., "finish_reason": "stop" | "length",
+    "new_tokens": ...}` (the answer's length in tokens, its end-of-turn token not counted); answers
     cut off by `max_new_tokens` are kept in the file but flagged, and [`load_diverse_dataset`] drops them.
 
     Resuming is exact: each answer is drawn from a generator seeded by `seed` and the query's own key, batches are
@@ -413,6 +415,7 @@ def _sample_with_transformers(
                         pending[i],
                         tokenizer.decode(finished[j].token_ids, skip_special_tokens=True).strip(),
                         finished[j].finish_reason,
+                        len(finished[j].token_ids),
                     )
                     for j, i in enumerate(chunk)
                 ]

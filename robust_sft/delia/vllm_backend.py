@@ -103,8 +103,9 @@ def sample_with_vllm(
                 rows = []
                 for i, output in zip(chunk, outputs, strict=True):
                     completion = output.outputs[0]
-                    answer = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
-                    rows.append(cache_row(pending[i], answer, finish_reason(completion)))
+                    tokens = [token for token in completion.token_ids if token not in generation["stop_token_ids"]]
+                    answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                    rows.append(cache_row(pending[i], answer, finish_reason(completion), len(tokens)))
                 append_rows(handle, rows)
                 bar.update(len(rows))
                 written += len(rows)
