@@ -11,7 +11,7 @@ Files: `cache.py` (`build_cache`), `store.py` (the cache file, its settings reco
 `vllm_backend.py`, `tokens.py` (new special tokens), `config.py`, `trainer.py`.
 """
 
-from .cache import Query, build_cache, one_shot_messages, read_queries, render_prompt
+from .cache import QUERIES_FILE, Query, build_cache, one_shot_messages, read_queries, render_prompt
 from .config import DELIAConfig
 from .store import CacheError, CacheResult, merge_cache_shards
 from .tokens import (
@@ -35,6 +35,7 @@ __all__ = [
     "DELIATrainer",
     "DSFTConfig",
     "DSFTTrainer",
+    "QUERIES_FILE",
     "Query",
     "add_special_tokens",
     "build_cache",

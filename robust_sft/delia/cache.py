@@ -37,6 +37,10 @@ from .store import (
 
 logger = logging.getLogger(__name__)
 
+# 80 everyday instructions with short reference answers, written for robust_sft: a small broad query set for examples
+# and smoke runs (the paper samples thousands; point build_cache at a larger set, e.g. self-instruct, for real runs).
+QUERIES_FILE = Path(__file__).with_name("queries.jsonl")
+
 
 # ------------------------------------------------------------------------------------------------ build_cache
 @dataclass
