@@ -124,7 +124,7 @@ def interrupt_after(model, calls):
 
 
 def test_an_interrupted_sampling_run_resumes_to_the_same_rows(tmp_path, model, tok):
-    options = dict(batch_size=2, max_new_tokens=10, **SAMPLED)  # chunks of 2 x 4 queries written together
+    options = dict(batch_size=2, max_new_tokens=10, **SAMPLED)  # chunks of 2 x 4 queries sampled together
     reference = build_cache(model, tok, MANY, tmp_path / "reference.jsonl", **options)
     path = tmp_path / "cache.jsonl"
     handle = interrupt_after(model, 40)  # in the second chunk
@@ -133,11 +133,14 @@ def test_an_interrupted_sampling_run_resumes_to_the_same_rows(tmp_path, model, t
             build_cache(model, tok, MANY, path, **options)
     finally:
         handle.remove()
-    assert len(rows_of(path)) == 8  # the first chunk
+    interrupted = rows_of(path)
+    assert len(interrupted) > 8  # the first chunk, and the rows of the second that had finished
+    in_flight = json.loads(meta_path(path).read_text())["in_flight"]
+    assert len(in_flight) == 8 and not set(in_flight) <= {row["query_key"] for row in interrupted}
     with open(path, "a") as cache:  # and a row cut off mid-write
         cache.write('{"messages": [{"role": "user", "con')
     resumed = build_cache(model, tok, MANY, path, **options)
-    assert resumed.written == 12 and resumed.skipped == 8
+    assert resumed.written == 20 - len(interrupted) and resumed.skipped == len(interrupted)
     assert path.read_bytes() == reference.path.read_bytes()  # the very rows, in the very order
     assert {row["finish_reason"] for row in rows_of(path)} == {"stop", "length"}
     again = build_cache(model, tok, MANY + MANY[:2], path, **options)  # nothing new to do

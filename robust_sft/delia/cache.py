@@ -6,7 +6,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,15 @@ from ..generation import end_of_turn_token_ids, sample_continuations
 from .store import (
     CacheError,
     CacheResult,
-    append_rows,
     check_settings,
     config_fingerprint,
+    encode_row,
     files_fingerprint,
     merge_cache_shards,
     read_meta,
     read_rows,
     repair_tail,
+    set_in_flight,
     shard_of,
     shard_path,
     tokenizer_identity,
@@ -132,7 +134,7 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, s
 
 
 # ------------------------------------------------------------------------------------------------ build_cache
-CHUNK_BATCHES = 4  # batches written together: the most an interruption loses, and the unit a resumed run redoes
+CHUNK_BATCHES = 4  # batches sampled together (a chunk): the unit an interrupted run's re-run redoes
 
 
 def row_seed(seed: int, key: str) -> int:
@@ -274,9 +276,11 @@ def build_cache(
     "new_tokens": ...}` (the answer's length in tokens, its end-of-turn token not counted); answers
     cut off by `max_new_tokens` are kept in the file but flagged, and [`load_diverse_dataset`] drops them.
 
-    Resuming is exact: each answer is drawn from a generator seeded by `seed` and the query's own key, batches are
-    formed in a fixed order (shortest prompt first, ties by key) and written whole, so an interrupted run re-run
-    gives the rows an uninterrupted run gives, sampling included; the global RNG is never touched. The settings are
+    Resuming is exact: each answer is drawn from a generator seeded by `seed` and the query's own key, queries are
+    taken in a fixed order (shortest prompt first, ties by key) in chunks of `4 * batch_size`, each row is appended
+    as it finishes, and the chunk in flight is recorded, so an interrupted run's re-run redoes that chunk as it was
+    and then the chunks an uninterrupted run forms: the same rows, sampling included. The global RNG is never
+    touched. The settings are
     recorded in `<cache>.meta.json` and compared on resume: another model, template or generation setting is refused
     unless `force=True`. A lock (`<cache>.lock`) keeps a second writer out.
 
@@ -336,25 +340,24 @@ def build_cache(
             if found:
                 raise CacheError(f"{output_path} was made with other settings: {'; '.join(found)}. Pass force=True.")
         items = [query for query in items if shard_of(query.key, world) == rank and query.key not in merged]
-    written = truncated = 0
     with writer_lock(target, lock_timeout):
         cached_rows = repair_tail(target)
         check_settings(target, settings, has_rows=bool(cached_rows), force=force)
         cached = {row["query_key"] for row in cached_rows}
         pending = [query for query in items if query.key not in cached]
-        if pending:
+        chunks = plan_chunks(tokenizer, items, cached, target, batch_size * CHUNK_BATCHES, system_prompt)
+        if chunks:
             logger.info("Sampling %d queries (%d cached) into %s.", len(pending), len(items) - len(pending), target)
-            options = dict(batch_size=batch_size, system_prompt=system_prompt, seed=seed, progress=progress)
             if backend == "vllm":
-                from .vllm_backend import sample_with_vllm
+                from .vllm_backend import vllm_sampler
 
-                written, truncated = sample_with_vllm(
-                    model_path, tokenizer, pending, target, generation, vllm_kwargs=vllm_kwargs, **options
-                )
+                sampler = vllm_sampler(model_path, tokenizer, generation, batch_size, seed, vllm_kwargs)
             else:
-                sample = _sample_with_transformers
-                written, truncated = sample(model, tokenizer, pending, target, generation, **options)
+                sampler = transformers_sampler(model, tokenizer, generation, batch_size, seed)
+            with sampler as sample_chunk:
+                written, truncated = write_chunks(target, chunks, cached, sample_chunk, len(pending), progress)
         else:
+            written = truncated = 0
             logger.info("%s already holds all %d queries.", target, len(items))
     counts = dict(written=written, written_truncated=truncated, skipped=len(items) - len(pending))
     if barrier is not None:
@@ -375,57 +378,85 @@ def build_cache(
     return result
 
 
-def _sample_with_transformers(
-    model: PreTrainedModel,
+def plan_chunks(
     tokenizer: PreTrainedTokenizerBase,
-    pending: list[Query],
+    items: list[Query],
+    cached: set[str],
     target: Path,
-    generation: dict[str, Any],
-    *,
-    batch_size: int,
+    size: int,
     system_prompt: str | None,
-    seed: int,
+) -> list[list[tuple[Query, list[int]]]]:
+    """The chunks to sample, each a list of (query, prompt ids) generated together and written as its rows finish.
+
+    A chunk an interrupted run left unfinished (recorded in the settings record as `in_flight`) comes first and whole,
+    its cached rows included (they are sampled again, not written again), so it is computed exactly as before. The
+    other uncached queries follow in `sampling_order`, cut every `size`: the chunks of an uninterrupted run."""
+    by_key = {query.key: query for query in items}
+    in_flight = [key for key in (read_meta(target) or {}).get("in_flight") or [] if key in by_key]
+    redo = [by_key[key] for key in in_flight] if set(in_flight) - cached else []
+    rest = [query for query in items if query.key not in cached and query.key not in set(in_flight)]
+    prompts = {query.key: prompt_ids(tokenizer, query, system_prompt) for query in redo + rest}
+    order = [rest[i] for i in sampling_order(rest, [prompts[query.key] for query in rest])]
+    chunks = [redo] if redo else []
+    chunks += [order[start : start + size] for start in range(0, len(order), size)]
+    return [[(query, prompts[query.key]) for query in chunk] for chunk in chunks]
+
+
+def write_chunks(
+    target: Path,
+    chunks: list[list[tuple[Query, list[int]]]],
+    cached: set[str],
+    sample_chunk: Callable[[list[tuple[Query, list[int]]]], Any],
+    total: int,
     progress: bool,
 ) -> tuple[int, int]:
-    """Sample `pending` with [`sample_continuations`], `CHUNK_BATCHES` batches at a time, each chunk appended whole.
-    Returns (rows written, of which truncated)."""
-    prompts = [prompt_ids(tokenizer, query, system_prompt) for query in pending]
-    order = sampling_order(pending, prompts)
+    """Sample the chunks in order, appending each row as it finishes (flushed; fsynced at the end of each chunk).
+    The chunk in flight is recorded first, so an interrupted run's re-run redoes it exactly. Returns (rows written,
+    of which truncated)."""
+    written = truncated = 0
+    with open(target, "ab") as handle, progress_bar(total, target, progress) as bar:
+        for chunk in chunks:
+            set_in_flight(target, [query.key for query, _ in chunk])
+            for row in sample_chunk(chunk):
+                if row["query_key"] in cached:  # written before an interruption: same row, kept once
+                    continue
+                handle.write(encode_row(row))
+                handle.flush()
+                cached.add(row["query_key"])
+                written += 1
+                truncated += row["finish_reason"] == "length"
+                bar.update(1)
+            os.fsync(handle.fileno())
+        set_in_flight(target, None)
+    return written, truncated
+
+
+@contextmanager
+def transformers_sampler(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, generation: dict[str, Any], batch_size: int, seed: int
+) -> Iterator[Callable[[list[tuple[Query, list[int]]]], Iterator[dict[str, Any]]]]:
+    """Sample chunks with [`sample_continuations`] (the model in eval mode meanwhile), yielding rows as they finish."""
     sampling = generation["do_sample"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    written = truncated = 0
+
+    def sample_chunk(chunk: list[tuple[Query, list[int]]]) -> Iterator[dict[str, Any]]:
+        for row in sample_continuations(
+            model,
+            [prompt for _, prompt in chunk],
+            max_new_tokens=generation["max_new_tokens"],
+            batch_size=batch_size,
+            stop_token_ids=generation["stop_token_ids"],
+            temperature=generation["temperature"] if sampling else 0.0,
+            top_p=generation["top_p"] if sampling else 1.0,
+            seeds=[row_seed(seed, query.key) for query, _ in chunk] if sampling else None,
+            pad_token_id=pad,
+        ):
+            answer = tokenizer.decode(row.token_ids, skip_special_tokens=True).strip()
+            yield cache_row(chunk[row.index][0], answer, row.finish_reason, len(row.token_ids))
+
     was_training = model.training
     model.eval()
     try:
-        with open(target, "ab") as handle, progress_bar(len(pending), target, progress) as bar:
-            for start in range(0, len(order), batch_size * CHUNK_BATCHES):
-                chunk = order[start : start + batch_size * CHUNK_BATCHES]
-                finished = {}
-                for row in sample_continuations(
-                    model,
-                    [prompts[i] for i in chunk],
-                    max_new_tokens=generation["max_new_tokens"],
-                    batch_size=batch_size,
-                    stop_token_ids=generation["stop_token_ids"],
-                    temperature=generation["temperature"] if sampling else 0.0,
-                    top_p=generation["top_p"] if sampling else 1.0,
-                    seeds=[row_seed(seed, pending[i].key) for i in chunk] if sampling else None,
-                    pad_token_id=pad,
-                ):
-                    finished[row.index] = row
-                    bar.update(1)
-                rows = [
-                    cache_row(
-                        pending[i],
-                        tokenizer.decode(finished[j].token_ids, skip_special_tokens=True).strip(),
-                        finished[j].finish_reason,
-                        len(finished[j].token_ids),
-                    )
-                    for j, i in enumerate(chunk)
-                ]
-                append_rows(handle, rows)
-                written += len(rows)
-                truncated += sum(row["finish_reason"] == "length" for row in rows)
+        yield sample_chunk
     finally:
         model.train(was_training)
-    return written, truncated

@@ -219,6 +219,13 @@ def check_settings(path: Path, settings: dict[str, Any], has_rows: bool, force: 
     _write_json(meta_path(path), recorded)
 
 
+def set_in_flight(path: Path, keys: list[str] | None) -> None:
+    """Record the chunk being sampled (its query keys, in order), or clear it when the run is done."""
+    recorded = read_meta(path)
+    recorded["in_flight"] = keys
+    _write_json(meta_path(path), recorded)
+
+
 # ------------------------------------------------------------------------------------------------ lock and shards
 @contextmanager
 def writer_lock(path: Path, timeout: float) -> Iterator[None]:

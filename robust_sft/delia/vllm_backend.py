@@ -1,4 +1,4 @@
-"""build_cache on vLLM: token ids in, one seed per request, rows written chunk by chunk, the engine freed after.
+"""build_cache on vLLM: token ids in, one seed per request, rows written call by call, the engine freed after.
 
 Not run in this project's CI or on its machines (no GPU, vLLM not installed): the request contract is tested against
 vLLM's real classes when vLLM is importable (`tests/test_delia_cache.py`), and skipped otherwise.
@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from .cache import CHUNK_BATCHES, Query, cache_row, progress_bar, prompt_ids, row_seed, sampling_order
-from .store import append_rows
+from .cache import Query, cache_row, row_seed
 
 logger = logging.getLogger(__name__)
 
@@ -69,49 +68,39 @@ def collect_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def sample_with_vllm(
+@contextmanager
+def vllm_sampler(
     model_path: str,
     tokenizer: PreTrainedTokenizerBase,
-    pending: list[Query],
-    target: Path,
     generation: dict[str, Any],
-    *,
     batch_size: int,
-    system_prompt: str | None,
     seed: int,
-    progress: bool,
     vllm_kwargs: dict[str, Any] | None,
-) -> tuple[int, int]:
-    """Sample `pending` with a vLLM engine built from `model_path` and `vllm_kwargs` (e.g. `tensor_parallel_size`,
-    `gpu_memory_utilization`, `max_model_len`), `batch_size * CHUNK_BATCHES` requests per call, each call's rows
-    appended before the next. Returns (rows written, of which truncated)."""
+) -> Iterator[Callable[[list[tuple[Query, list[int]]]], list[dict[str, Any]]]]:
+    """A vLLM engine built from `model_path` and `vllm_kwargs` (e.g. `tensor_parallel_size`,
+    `gpu_memory_utilization`, `max_model_len`) that samples one chunk per `generate` call (its rows are written before
+    the next call), freed when the block ends. `batch_size` is left to vLLM's scheduler (`max_num_seqs` in
+    `vllm_kwargs`); the chunks are `CHUNK_BATCHES * batch_size` queries."""
     try:
         from vllm import LLM
     except ImportError:
         raise ImportError("backend='vllm' needs vLLM: `pip install robust_sft[vllm]` (a CUDA machine).") from None
-    prompts = [prompt_ids(tokenizer, query, system_prompt) for query in pending]
-    order = sampling_order(pending, prompts)
-    llm = LLM(model=model_path, seed=seed, **(vllm_kwargs or {}))
-    written = truncated = 0
+    engine = {"llm": LLM(model=model_path, seed=seed, **(vllm_kwargs or {}))}  # the only reference to the engine
+
+    def sample_chunk(chunk: list[tuple[Query, list[int]]]) -> list[dict[str, Any]]:
+        seeds = [row_seed(seed, query.key) for query, _ in chunk]
+        requests, params = vllm_requests([prompt for _, prompt in chunk], seeds, generation)
+        rows = []
+        for (query, _), output in zip(chunk, engine["llm"].generate(requests, params, use_tqdm=False), strict=True):
+            completion = output.outputs[0]
+            tokens = [token for token in completion.token_ids if token not in generation["stop_token_ids"]]
+            answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            rows.append(cache_row(query, answer, finish_reason(completion), len(tokens)))
+        return rows
+
     try:
-        with open(target, "ab") as handle, progress_bar(len(pending), target, progress) as bar:
-            for start in range(0, len(order), batch_size * CHUNK_BATCHES):
-                chunk = order[start : start + batch_size * CHUNK_BATCHES]
-                seeds = [row_seed(seed, pending[i].key) for i in chunk]
-                requests, params = vllm_requests([prompts[i] for i in chunk], seeds, generation)
-                outputs = llm.generate(requests, params, use_tqdm=False)
-                rows = []
-                for i, output in zip(chunk, outputs, strict=True):
-                    completion = output.outputs[0]
-                    tokens = [token for token in completion.token_ids if token not in generation["stop_token_ids"]]
-                    answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-                    rows.append(cache_row(pending[i], answer, finish_reason(completion), len(tokens)))
-                append_rows(handle, rows)
-                bar.update(len(rows))
-                written += len(rows)
-                truncated += sum(row["finish_reason"] == "length" for row in rows)
+        yield sample_chunk
     finally:  # the engine's GPU memory goes back before training starts in this process
         release_parallel_state()
-        del llm
+        engine.clear()
         collect_gpu_memory()
-    return written, truncated
