@@ -4,12 +4,13 @@
     python benchmarks/build_cache.py --queries 64 --max-new-tokens 512 --threads 2
     python benchmarks/build_cache.py --quick      # tiny in-process model, a few queries (the CI smoke run)
 
-The workload is DELIA's: self-instruct seed tasks asked with the paper's one-shot prompt, sampled at temperature 0.7 /
-top_p 0.95, stopping on the template's end-of-turn token or at `--max-new-tokens`. Every way of generating answers the
-same queries with the same settings, in this order:
+The workload is DELIA's: self-instruct seed tasks asked with the paper's one-shot prompt, sampled at temperature 0.7,
+stopping on the template's end-of-turn token or at `--max-new-tokens`. Top-p is off by default (`--top-p 1`): then
+build_cache draws the very tokens `generate` draws under the same seed (tested), so the two do the same work; the
+paper's `--top-p 0.95` draws from the same nucleus but other tokens (compare tokens/s then). Every way answers the same
+queries with the same settings, in this order:
 
-- `one_by_one`: `model.generate` on one query at a time, seeded with the query's own seed: the baseline. It draws the
-  very tokens build_cache draws (tested), so both generate the same number of tokens.
+- `one_by_one`: `model.generate` on one query at a time, seeded with the query's own seed: the baseline.
 - `build_cache`: `build_cache(batch_size=...)` (our engine: length-sorted batches, finished rows leave, the next
   queries join; the rows written to disk and fsynced). `same_rows` says whether its rows equal the one-by-one answers.
 - `build_cache_batch1`: the same with `batch_size=1`, the engine's own one-by-one cost.
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="Longest answer (default 256; quick 8).")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the machine of the recorded runs: 2).")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1: the same tokens as one_by_one (default).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--skip", nargs="*", default=[], help="Rows not to run, e.g. continuous_batching generate_batched."
@@ -175,12 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [prompt_ids(tokenizer, query, None) for query in queries]
     settings = {
         "temperature": 0.7,
-        "top_p": 0.95,
+        "top_p": args.top_p,
         "max_new_tokens": args.max_new_tokens,
         "seed": args.seed,
         "stop_token_ids": end_of_turn_token_ids(tokenizer, model),
     }
-    options = dict(temperature=0.7, top_p=0.95, max_new_tokens=args.max_new_tokens, seed=args.seed, progress=False)
+    options = dict(progress=False, **{k: settings[k] for k in ("temperature", "top_p", "max_new_tokens", "seed")})
     results: dict[str, dict] = {}
     rows_by_mode: dict[str, dict[str, str]] = {}
 

@@ -125,9 +125,14 @@ def interrupt_after(model, calls):
 
 def test_an_interrupted_sampling_run_resumes_to_the_same_rows(tmp_path, model, tok):
     options = dict(batch_size=2, max_new_tokens=10, **SAMPLED)  # chunks of 2 x 4 queries sampled together
-    reference = build_cache(model, tok, MANY, tmp_path / "reference.jsonl", **options)
+    written = []  # rows on disk at each forward pass of an uninterrupted run
+    count = model.register_forward_hook(lambda *_: written.append(len(rows_of(tmp_path / "reference.jsonl"))))
+    try:
+        reference = build_cache(model, tok, MANY, tmp_path / "reference.jsonl", **options)
+    finally:
+        count.remove()
     path = tmp_path / "cache.jsonl"
-    handle = interrupt_after(model, 40)  # in the second chunk
+    handle = interrupt_after(model, written.index(10) + 1)  # in the second chunk, two of its rows written
     try:
         with pytest.raises(KeyboardInterrupt):
             build_cache(model, tok, MANY, path, **options)

@@ -1,6 +1,6 @@
 """The sampling engine behind build_cache (`robust_sft.generation.sample_continuations`): greedy rows equal
-`model.generate` one prompt at a time, sampled rows equal `generate(do_sample=True)` under the row's seed whatever the
-batch, stop tokens end rows, and the global RNG is left alone."""
+`model.generate` one prompt at a time, sampled rows equal `generate(do_sample=True)` under the row's seed, whatever the
+batch, the top-p nucleus is `TopPLogitsWarper`'s, stop tokens end rows, and the global RNG is left alone."""
 
 import random
 
@@ -8,7 +8,7 @@ import numpy
 import pytest
 import torch
 
-from robust_sft.generation import end_of_turn_token_ids, sample_continuations
+from robust_sft.generation import end_of_turn_token_ids, nucleus, sample_continuations
 from robust_sft.testing import make_tiny_model, make_tiny_tokenizer
 
 TEXTS = [f"Name thing number {i}." for i in range(12)] + [
@@ -67,28 +67,41 @@ def test_greedy_rows_equal_generate_one_prompt_at_a_time(setup, batch_size):
 def test_sampled_rows_equal_generate_under_their_own_seed(setup):
     model, _, prompts, stops = setup
     seeds = [1000 + i for i in range(len(prompts))]
-    sampling = dict(temperature=1.3, top_p=0.9)
     expected = {}
     with torch.random.fork_rng():
         for i, prompt in enumerate(prompts):
             torch.manual_seed(seeds[i])
-            expected[i] = reference(model, prompt, stops, 12, do_sample=True, **sampling)
-    batched = run(model, prompts, max_new_tokens=12, batch_size=5, stop_token_ids=stops, seeds=seeds, **sampling)
-    assert batched == expected
+            expected[i] = reference(model, prompt, stops, 12, do_sample=True, temperature=1.3)
+    options = dict(max_new_tokens=12, stop_token_ids=stops, temperature=1.3)
+    assert run(model, prompts, batch_size=5, seeds=seeds, **options) == expected
+
+
+def test_sampled_rows_depend_on_their_own_seed_only(setup):
+    model, _, prompts, stops = setup
+    seeds = [1000 + i for i in range(len(prompts))]
+    options = dict(max_new_tokens=12, stop_token_ids=stops, temperature=1.3, top_p=0.9)
+    batched = run(model, prompts, batch_size=5, seeds=seeds, **options)
     # Another batch size, other companions, another order: each row still depends on its own seed only.
     order = list(range(len(prompts)))[::-1][:9]
-    subset = run(
-        model,
-        [prompts[i] for i in order],
-        max_new_tokens=12,
-        batch_size=2,
-        stop_token_ids=stops,
-        seeds=[seeds[i] for i in order],
-        **sampling,
-    )
-    assert {order[j]: row for j, row in subset.items()} == {i: expected[i] for i in order}
-    other = run(model, prompts, max_new_tokens=12, batch_size=5, stop_token_ids=stops, seeds=seeds[::-1], **sampling)
-    assert other != batched
+    subset = run(model, [prompts[i] for i in order], batch_size=2, seeds=[seeds[i] for i in order], **options)
+    assert {order[j]: row for j, row in subset.items()} == {i: batched[i] for i in order}
+    assert run(model, prompts, batch_size=5, seeds=seeds[::-1], **options) != batched
+
+
+def test_the_nucleus_is_top_p_logits_warpers():
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 3000, generator=generator) * torch.linspace(0.05, 8, 64)[:, None]  # flat to peaked
+    probabilities = logits.softmax(-1)
+    for top_p in (0.5, 0.9, 0.95):
+        kept = TopPLogitsWarper(top_p)(None, logits.clone()) > -float("inf")
+        ids, weights = nucleus(probabilities, top_p)
+        for row in range(64):
+            assert set(ids[row].tolist()) == set(kept[row].nonzero().flatten().tolist())
+            assert torch.equal(weights[row], probabilities[row, ids[row]])
+    sizes = [len(row) for row in nucleus(probabilities, 0.95)[0]]
+    assert max(sizes) > 256 > min(sizes)  # flat rows take the full sort, peaked ones the top candidates only
 
 
 def test_finish_reasons_and_stop_tokens(setup):
