@@ -131,7 +131,7 @@ def train(model, tokenizer, task, cache, ratio: float, seed: int, args):
 
 
 def run_seed(seed: int, args) -> dict[str, dict]:
-    from robust_sft.delia import build_cache, read_queries
+    from robust_sft.delia import build_cache, load_diverse_dataset, read_queries
     from robust_sft.evaluation import (
         format_compliance,
         generate_answers,
@@ -179,6 +179,8 @@ def run_seed(seed: int, args) -> dict[str, dict]:
         max_new_tokens=args.cache_tokens,
         seed=seed,
     )
+    # The tiny model of --quick never ends an answer: its smoke run trains on the cut-off answers too.
+    cache = load_diverse_dataset(cache, keep_truncated=args.quick)
     results = {"base": {**score(model, tokenizer, "base"), "train_seconds": 0.0, "train_rows": 0}}
     for ratio in (0.0, *args.ratios):
         model, tokenizer = load_benchmark_model(args.quick, seed)
