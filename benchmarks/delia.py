@@ -8,14 +8,15 @@ The task: read an AG News item and answer `topic | first-word` (topic one of wor
 first-word the item's first word in lower case). Every prompt is `instruction <sep> news item`, where `<sep>` is a
 token new to the model (added with `new_special_tokens`, its input row trained through LoRA on the embedding). The
 training rows use two phrasings of the instruction; the scores use four phrasings never seen in training, on
-held-out items. (`<sep>` is on the input side because LoRA trains a new token's input row only: its output row
-stays at its initial value, so a LoRA run reads a new token but does not learn to write it; see the DELIA docs.)
+held-out items. (`<sep>` is on the input side, as in the recorded run, made when LoRA could train a new token's
+input row only; `new_token_training="trainable_tokens"` now trains its output row too, see the DELIA docs.)
 
 The diverse data is self-sampled: the base model answers self-instruct seed tasks with `build_cache` (the paper's
-one-shot prompt, temperature 0.7). Every row trains LoRA (r=16, alpha 16 on attention + the input embedding, the
-reference's targets; lr 1e-3 constant after a short warm-up) from the same base model for the same number of epochs
-over its training set, so the task rows are seen equally often; DSFT rows take more steps (their train_seconds say
-what that costs).
+one-shot prompt, temperature 0.7; answers cut off by `--cache-tokens` are flagged and not trained on). Every row
+trains LoRA (r=16, alpha 16 on attention + the input embedding: the reference's targets,
+`new_token_training="lora_embedding"`; lr 1e-3 constant after a short warm-up) from the same base model for the same
+number of epochs over its training set, so the task rows are seen equally often; DSFT rows take more steps (their
+train_seconds say what that costs).
 
 Scores: format compliance, topic accuracy and exact match on the unseen phrasings; format compliance on the training
 phrasings (held-out items); `format_leak`, the share of answers to unrelated held-out self-instruct queries that
@@ -112,6 +113,7 @@ def train(model, tokenizer, task, cache, ratio: float, seed: int, args):
         ),
         diverse_ratio=ratio,
         new_special_tokens=["<sep>"],
+        new_token_training="lora_embedding",  # the reference's choice; <sep> is only read here, never written
     )
     trainer = DELIATrainer(
         model=model,
@@ -129,7 +131,7 @@ def train(model, tokenizer, task, cache, ratio: float, seed: int, args):
 
 
 def run_seed(seed: int, args) -> dict[str, dict]:
-    from robust_sft.delia import build_cache, read_queries
+    from robust_sft.delia import build_cache, load_diverse_dataset, read_queries
     from robust_sft.evaluation import (
         format_compliance,
         generate_answers,
@@ -177,6 +179,8 @@ def run_seed(seed: int, args) -> dict[str, dict]:
         max_new_tokens=args.cache_tokens,
         seed=seed,
     )
+    # The tiny model of --quick never ends an answer: its smoke run trains on the cut-off answers too.
+    cache = load_diverse_dataset(cache, keep_truncated=args.quick)
     results = {"base": {**score(model, tokenizer, "base"), "train_seconds": 0.0, "train_rows": 0}}
     for ratio in (0.0, *args.ratios):
         model, tokenizer = load_benchmark_model(args.quick, seed)

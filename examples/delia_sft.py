@@ -1,86 +1,142 @@
-"""DELIA: a small task mixed with the model's own answers to diverse queries, and a new `<sep>` token (2408.10841).
+"""DELIA: a handful of task rows mixed with the model's own answers to diverse queries (arXiv 2408.10841).
 
-    python examples/delia_sft.py --output_dir outputs/delia --max_steps 20 --gradient_checkpointing false \\
-        --learning_rate 1e-3 --use_peft --lora_r 16 --lora_alpha 16 --lora_target_modules all-linear
     python examples/delia_sft.py --config examples/recipes/delia.yaml
-    python examples/delia_sft.py ... --queries_path ../shared/data/self_instruct/seed_tasks.jsonl
+    python examples/delia_sft.py --config examples/recipes/delia.yaml \\
+        --queries_path ../shared/data/self_instruct/seed_tasks.jsonl     # another broad query set
 
-The flags are those of `robust-sft train delia` (the same parser, robust_sft.cli.train), plus the example's own.
+The task: condense a sentence into `subject <sep> colour`, where `<sep>` is a token new to the model, learnt from 16
+rows written with two phrasings of the instruction. The model must *write* `<sep>`, so its output row trains
+(`new_token_training="trainable_tokens"`, the default: PEFT's trainable token rows, input and output, next to LoRA).
 
-1. build_cache: the model answers the queries (resumable: the cache in output_dir is reused and completed);
-   without --queries_path the task's own prompts are the queries. --diverse_dataset CACHE.jsonl uses a cache instead.
-2. DELIATrainer trains on the task rows (condense a sentence into `subject <sep> colour`) mixed with
-   int(len(task) * diverse_ratio) cached rows; `<sep>` is a new special token with a trainable embedding.
-3. The answers to instructions phrased differently from training are checked against the format.
+1. build_cache: the base model answers a broad set of queries (by default the 80 everyday instructions shipped with
+   robust_sft, `robust_sft/delia/queries.jsonl`) with the paper's one-shot prompt; resumable, in output_dir.
+2. Plain SFT on the task rows alone, then DELIA on the task rows mixed with `diverse_ratio` cached rows per task row,
+   each from the same base model, for the same number of epochs.
+3. Before / after, for the base model, SFT and DELIA: the format compliance of the answers to instructions phrased
+   differently from training (does the format generalise beyond the phrasings seen?) and the share of answers to
+   unrelated held-out queries that contain `<sep>` (does the task leak where it has no business?). The paper's
+   claim: DELIA generalises the format better and leaks less.
 """
 
+import dataclasses
 import os
+import random
 from dataclasses import dataclass, field
 
-from robust_sft import load_examples
-from robust_sft.cli.train import finish, load_model, parse_args, peft_config
-from robust_sft.delia import DELIATrainer, build_cache
+from trl import ModelConfig, TrlParser, get_peft_config
+
+from robust_sft import load_model_and_tokenizer
+from robust_sft.delia import QUERIES_FILE, DELIAConfig, DELIATrainer, build_cache, load_diverse_dataset, read_queries
 from robust_sft.demo import SEP_FORMAT, make_sep_task_data
 from robust_sft.evaluation import format_compliance, generate_answers
 
 
 @dataclass
-class ExampleArguments:
+class ScriptArguments:
     train_size: int = field(default=16, metadata={"help": "Task rows."})
-    queries_path: str | None = field(default=None, metadata={"help": "Queries for the cache (any data file)."})
+    queries_path: str = field(default=str(QUERIES_FILE), metadata={"help": "Broad query set (any data file)."})
     query_field: str | None = field(default=None, metadata={"help": "Column of the query in queries_path."})
     answer_field: str | None = field(default=None, metadata={"help": "Column of its reference answer."})
-    num_queries: int = field(default=64, metadata={"help": "Queries sampled into the cache."})
-    cache_max_new_tokens: int = field(default=128, metadata={"help": "Longest sampled answer."})
+    num_queries: int = field(default=48, metadata={"help": "Queries sampled into the cache."})
+    leak_queries: int = field(default=16, metadata={"help": "Held-out queries (not in the cache) to measure leaks."})
+    cache_max_new_tokens: int = field(default=192, metadata={"help": "Longest sampled answer."})
     cache_batch_size: int = field(default=16, metadata={"help": "Queries generated together."})
-
-
-def diverse_cache(model, tokenizer, task, training_args, args: ExampleArguments) -> str:
-    """Self-sample the model's answers to the queries into output_dir/diverse_cache.jsonl (resumable)."""
-    if args.queries_path:
-        queries = load_examples(args.queries_path)
-        queries = queries.select(range(min(args.num_queries, len(queries))))
-    else:
-        queries = task.select(range(min(args.num_queries, len(task))))
-    return build_cache(
-        model,
-        tokenizer,
-        queries,
-        os.path.join(training_args.output_dir, "diverse_cache.jsonl"),
-        query_field=args.query_field,
-        answer_field=args.answer_field,
-        batch_size=args.cache_batch_size,
-        max_new_tokens=args.cache_max_new_tokens,
-        seed=training_args.seed,
+    keep_truncated: bool = field(
+        default=False,
+        metadata={"help": "Train on cached answers cut off by cache_max_new_tokens too (smoke runs on tiny models)."},
     )
+    compare_sft: bool = field(default=True, metadata={"help": "Also train plain SFT on the task rows alone."})
 
 
-def main(script_args, training_args, model_args, dataset_args, example_args: ExampleArguments) -> None:
+def scores(model, tokenizer, unseen, leak_prompts, new_tokens) -> dict:
+    """Format compliance on unseen phrasings, `<sep>` leak into unrelated queries, and a few answers."""
+    answers = generate_answers(model, tokenizer, unseen["instruction"], 16, keep_special_tokens=new_tokens)
+    leaks = generate_answers(model, tokenizer, leak_prompts, 32, keep_special_tokens=new_tokens)
+    return {
+        "unseen_format": format_compliance(answers, SEP_FORMAT),
+        "leak": sum("<sep>" in answer for answer in leaks) / max(len(leaks), 1),
+        "answers": list(zip(unseen["instruction"], answers))[:2] + list(zip(leak_prompts, leaks))[:2],
+    }
+
+
+def train(training_args, model_args, task, diverse):
+    """Train from a fresh base model; return the trainer."""
     model, tokenizer = load_model(model_args, training_args)
-    task, unseen = make_sep_task_data(example_args.train_size, seed=training_args.seed)
-    cache = script_args.diverse_dataset or diverse_cache(model, tokenizer, task, training_args, example_args)
     trainer = DELIATrainer(
         model=model,
         args=training_args,
         train_dataset=task,
-        diverse_dataset=cache,
+        diverse_dataset=diverse,
         processing_class=tokenizer,
-        peft_config=peft_config(model_args, training_args),
+        peft_config=get_peft_config(model_args),
     )
-    print(f"Training rows: {trainer.mix_counts}")
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    finish(trainer, "delia", training_args, script_args)
-    answers = generate_answers(
-        trainer.model,
+    trainer.train()
+    return trainer
+
+
+def load_model(model_args, training_args):
+    quantization = "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None
+    return load_model_and_tokenizer(
+        model_args.model_name_or_path, quantization=quantization, trust_remote_code=training_args.trust_remote_code
+    )
+
+
+def main(script_args: ScriptArguments, training_args: DELIAConfig, model_args: ModelConfig) -> None:
+    task, unseen = make_sep_task_data(script_args.train_size, seed=training_args.seed)
+    queries = read_queries(script_args.queries_path, script_args.query_field, script_args.answer_field)
+    random.Random(training_args.seed).shuffle(queries)
+    if len(queries) < script_args.num_queries + script_args.leak_queries:
+        raise ValueError(
+            f"{script_args.queries_path} has {len(queries)} queries; num_queries + leak_queries = "
+            f"{script_args.num_queries + script_args.leak_queries}. Lower them or give a larger query set."
+        )
+    cache_queries = queries[: script_args.num_queries]
+    leak_prompts = [query.text for query in queries[-script_args.leak_queries :]]  # never in the cache
+
+    # 1. The diverse data: the base model's own answers. 2. Its scores before training.
+    model, tokenizer = load_model(model_args, training_args)
+    cache = build_cache(
+        model,
         tokenizer,
-        unseen["instruction"],
-        max_new_tokens=16,
-        keep_special_tokens=training_args.new_special_tokens,
+        cache_queries,
+        os.path.join(training_args.output_dir, "diverse_cache.jsonl"),
+        batch_size=script_args.cache_batch_size,
+        max_new_tokens=script_args.cache_max_new_tokens,
+        seed=training_args.seed,
     )
-    for prompt, answer in list(zip(unseen["instruction"], answers))[:3]:
-        print(f"{prompt!r} -> {answer!r}")
-    print(f"Format compliance on unseen phrasings: {format_compliance(answers, SEP_FORMAT):.3f}")
+    print(f"Cache: {cache.rows} usable answers, {cache.truncated} cut off by cache_max_new_tokens")
+    if cache.rows == 0 and not script_args.keep_truncated:
+        raise SystemExit("No usable cached answer: raise --cache_max_new_tokens (--keep_truncated for smoke runs).")
+    diverse = load_diverse_dataset(cache, keep_truncated=script_args.keep_truncated)
+    results = {"base model (before)": scores(model, tokenizer, unseen, leak_prompts, [])}
+    del model
+
+    # 3. Plain SFT (task rows only), then DELIA (task rows + diverse rows), each from the base model.
+    new_tokens = training_args.new_special_tokens
+    if script_args.compare_sft:
+        sft_args = dataclasses.replace(
+            training_args, diverse_ratio=0.0, output_dir=os.path.join(training_args.output_dir, "sft")
+        )
+        sft = train(sft_args, model_args, task, None)
+        print(f"SFT: {len(sft.train_dataset)} task rows")
+        results["SFT (task rows only)"] = scores(sft.model, sft.processing_class, unseen, leak_prompts, new_tokens)
+        del sft
+    delia = train(training_args, model_args, task, diverse)
+    print(f"Training rows: {delia.mix_counts}")
+    delia.save_model(training_args.output_dir)
+    name = f"DELIA (task + {delia.mix_counts.get('diverse', 0)} diverse rows)"
+    results[name] = scores(delia.model, delia.processing_class, unseen, leak_prompts, new_tokens)
+
+    print(f"\n{'':32}{'unseen-phrasing format':>24}{'<sep> leak, unrelated':>24}")
+    for label, result in results.items():
+        print(f"{label:32}{result['unseen_format']:>24.3f}{result['leak']:>24.3f}")
+    for label, result in results.items():
+        print(f"\n{label}:")
+        for prompt, answer in result["answers"]:
+            print(f"  {prompt[:70]!r} -> {answer[:70]!r}")
+    print(f"\nFormat compliance on unseen phrasings: {results[name]['unseen_format']:.3f}")
 
 
 if __name__ == "__main__":
-    main(*parse_args("delia", extra=(ExampleArguments,), prog="examples/delia_sft.py"))
+    parser = TrlParser((ScriptArguments, DELIAConfig, ModelConfig))
+    main(*parser.parse_args_and_config())

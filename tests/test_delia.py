@@ -1,7 +1,7 @@
-"""DELIA: exact mixing counts, build_cache (batched == one by one, resume after interruption, bad rows), the new
-token's embedding (initialised, trained, saved and reloaded), per-source losses and weights."""
+"""DELIA's trainer: exact mixing counts, per-source losses and weights, the new token's embedding (initialised,
+trained, saved and reloaded). The cache (build_cache) is tested in test_delia_cache.py, its sampling engine in
+test_delia_sampling.py."""
 
-import json
 import logging
 
 import pytest
@@ -9,20 +9,14 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 
-from robust_sft.data import DataFormatError
 from robust_sft.delia import (
     DELIAConfig,
     DELIATrainer,
-    Query,
     add_special_tokens,
-    build_cache,
     load_diverse_dataset,
     load_dsft_model,
-    one_shot_messages,
-    read_queries,
-    render_prompt,
 )
-from robust_sft.testing import make_tiny_model, make_tiny_tokenizer, save_tiny_model
+from robust_sft.testing import make_tiny_model, make_tiny_tokenizer
 
 from .conftest import train_args
 
@@ -106,6 +100,32 @@ def test_missing_diverse_data_is_refused_clearly(tmp_path, tokenizer):
         load_diverse_dataset(tmp_path / "no-cache.jsonl")
 
 
+def test_the_diverse_count_has_no_float_truncation(tmp_path, tokenizer):
+    task = [{"instruction": f"Condense: item {i} is red.", "output": f"item {i} red"} for i in range(25)]
+    assert int(25 * 1.16) == 28  # what float arithmetic gives
+    trainer = make_trainer(tmp_path, tokenizer, task=task, diverse_ratio=1.16)
+    assert trainer.mix_counts == {"task": 25, "diverse": 29}
+
+
+def test_losses_that_bypass_the_source_weights_are_refused(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.1"):
+        dsft_args(tmp_path, diverse_weight=0.5, label_smoothing_factor=0.1)
+    with pytest.raises(ValueError, match="loss_type='dft'"):
+        dsft_args(tmp_path, task_weight=2.0, loss_type="dft")
+    with pytest.raises(ValueError, match="compute_loss_func replaces TRL's loss"):
+        DELIATrainer(
+            model=make_tiny_model("llama", tokenizer),
+            args=dsft_args(tmp_path, diverse_weight=0.5),
+            train_dataset=Dataset.from_list(TASK),
+            diverse_dataset=Dataset.from_list(DIVERSE),
+            processing_class=tokenizer,
+            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum(),
+        )
+    dsft_args(tmp_path, label_smoothing_factor=0.1)  # unit weights: nothing to bypass
+    with pytest.raises(ValueError, match="new_token_training must be in"):
+        dsft_args(tmp_path, new_token_training="lm_head")
+
+
 # ---------------------------------------------------------------------------------------------- losses
 def test_per_source_losses_are_logged_and_parameters_change(tmp_path, tokenizer):
     trainer = make_trainer(tmp_path, tokenizer, diverse_ratio=1.0, max_steps=3, learning_rate=5e-2)
@@ -153,30 +173,55 @@ def test_new_token_row_is_the_mean_embedding_and_the_matrix_is_padded(tokenizer)
     assert model.get_input_embeddings().weight.shape[0] == 448
 
 
-def test_new_token_trains_and_survives_save_and_reload(tmp_path, caplog):
-    tokenizer = make_tiny_tokenizer()
-    base_dir = save_tiny_model(str(tmp_path / "base"))
+def tied_tiny_model(tokenizer):
+    """The tiny model with its LM head tied to the input embedding (as SmolLM2, Gemma, ...)."""
+    model = make_tiny_model("llama", tokenizer)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return model
+
+
+@pytest.mark.parametrize(
+    ("new_token_training", "tied"),
+    [("trainable_tokens", False), ("trainable_tokens", True), ("lora_embedding", False)],
+)
+def test_new_token_trains_and_survives_save_and_reload(tmp_path, caplog, new_token_training, tied):
     from transformers import AutoModelForCausalLM
 
+    tokenizer = make_tiny_tokenizer()
+    base_dir = str(tmp_path / "base")
+    (tied_tiny_model(tokenizer) if tied else make_tiny_model("llama", tokenizer)).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
     with caplog.at_level(logging.WARNING, logger="robust_sft.delia"):
         trainer = DELIATrainer(
             model=AutoModelForCausalLM.from_pretrained(base_dir),
-            args=dsft_args(tmp_path / "run", new_special_tokens=["<sep>"], max_steps=3, learning_rate=5e-2),
-            train_dataset=Dataset.from_list(TASK),
+            args=dsft_args(
+                tmp_path / "run",
+                new_special_tokens=["<sep>"],
+                new_token_training=new_token_training,
+                max_steps=3,
+                learning_rate=5e-2,
+            ),
+            train_dataset=Dataset.from_list(TASK),  # answers contain <sep>: its output row gets a gradient
             diverse_dataset=Dataset.from_list(DIVERSE),
             processing_class=tokenizer,
             peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"),
         )
-    assert "reads the new tokens but does not learn to write them" in caplog.text
+    writes = new_token_training == "trainable_tokens"
+    assert ("does not learn to write them" in caplog.text) != writes
     (sep,) = trainer.new_token_ids
-    embedding = trainer.model.get_input_embeddings()
+    embedding, head = trainer.model.get_input_embeddings(), trainer.model.get_output_embeddings()
     start = embedding(torch.tensor([sep])).detach().clone()
-    output_row = trainer.model.get_output_embeddings().weight[sep].detach().clone()
+    output_rows = head.weight.detach().clone()
     trainer.train()
     trained = embedding(torch.tensor([sep])).detach().clone()
     assert not torch.equal(start, trained)
-    # The limitation the warning names: LoRA leaves the output row of the new token where it started.
-    assert torch.equal(trainer.model.get_output_embeddings().weight[sep].detach(), output_row)
+    # The output row of the new token: trained by trainable tokens, left at its start by LoRA on the embedding.
+    assert torch.equal(head.weight[sep].detach(), output_rows[sep]) != writes
+    others = [row for row in range(len(tokenizer)) if row != sep]
+    if writes:  # and no other output row moved
+        assert torch.equal(head.weight[others].detach(), output_rows[others])
     seen = {token for ids in trainer.train_dataset["input_ids"] for token in ids}
     unused = torch.tensor([min(set(range(len(tokenizer))) - seen)])  # a token no training row contains
     base_embedding = AutoModelForCausalLM.from_pretrained(base_dir).get_input_embeddings()
@@ -192,6 +237,18 @@ def test_new_token_trains_and_survives_save_and_reload(tmp_path, caplog):
     torch.testing.assert_close(reloaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits)
 
 
+def test_a_tokenizer_that_already_has_the_token_still_gets_rows():
+    tokenizer = make_tiny_tokenizer()
+    add_special_tokens(make_tiny_model("llama", make_tiny_tokenizer()), tokenizer, ["<sep>"])  # an earlier run's
+    model = make_tiny_model("llama", make_tiny_tokenizer())  # a fresh base model: 400 rows, <sep> is id 400
+    old = model.get_input_embeddings().weight.detach().clone()
+    (sep,) = add_special_tokens(model, tokenizer, ["<sep>"])
+    assert sep == 400 and model.get_input_embeddings().weight.shape[0] == 448
+    assert torch.equal(model.get_input_embeddings().weight[sep], old.mean(0))
+    logits = model(input_ids=torch.tensor([[5, sep]])).logits  # in range
+    assert logits.shape[-1] == 448
+
+
 def test_full_finetuning_trains_the_new_row(tmp_path):
     tokenizer = make_tiny_tokenizer()
     trainer = make_trainer(
@@ -203,136 +260,3 @@ def test_full_finetuning_trains_the_new_row(tmp_path):
     trainer.train()
     assert not torch.equal(trainer.model.get_input_embeddings().weight[sep].detach(), start)
     assert not torch.equal(trainer.model.get_output_embeddings().weight[sep].detach(), output_row)
-
-
-# ---------------------------------------------------------------------------------------------- build_cache
-QUERIES = [Query(f"Name thing number {i}.", f"Thing {i}.") for i in range(5)]
-
-
-def sharp_tiny_model(tokenizer):
-    """The tiny model with larger weights, so greedy decoding has no near-ties that padding noise could flip."""
-    model = make_tiny_model("llama", tokenizer)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(50)
-    return model
-
-
-def cache_rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def test_prompt_is_the_papers_one_shot_with_a_generation_prompt(tokenizer):
-    query = Query("What is 2+2?", "4")
-    messages = one_shot_messages(query, system_prompt="Be brief.")
-    assert [turn["role"] for turn in messages] == ["system", "user", "assistant", "user"]
-    assert messages[1]["content"] == messages[3]["content"] == "What is 2+2?" and messages[2]["content"] == "4"
-    rendered = render_prompt(tokenizer, messages)
-    assert rendered.endswith("<|im_start|>assistant\n") and rendered.count("What is 2+2?") == 2
-    assert [turn["role"] for turn in one_shot_messages(Query("Hi"))] == ["user"]
-
-
-def test_templates_without_a_system_role_get_it_folded(tokenizer):
-    strict = make_tiny_tokenizer()
-    strict.chat_template = (
-        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-        "{% endif %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<assistant>"
-        "{% endif %}"
-    )
-    rendered = render_prompt(strict, one_shot_messages(Query("Q?", "A."), system_prompt="Be brief."))
-    assert rendered == "<user>Be brief.\n\nQ?</s><assistant>A.</s><user>Q?</s><assistant>"
-
-
-def test_batched_cache_equals_one_by_one_greedy_generation(tmp_path, tokenizer):
-    model = sharp_tiny_model(tokenizer)
-    options = dict(do_sample=False, max_new_tokens=8)
-    batched = build_cache(model, tokenizer, QUERIES, tmp_path / "batched.jsonl", batch_size=3, **options)
-    single = build_cache(model, tokenizer, QUERIES, tmp_path / "single.jsonl", batch_size=1, **options)
-    rows_batched, rows_single = cache_rows(batched), cache_rows(single)
-    assert rows_batched == rows_single and len(rows_batched) == 5
-    assert [row["messages"][0]["content"] for row in rows_batched] == [q.text for q in QUERIES]
-    assert all(row["messages"][1]["role"] == "assistant" for row in rows_batched)
-    assert any(row["messages"][1]["content"] for row in rows_batched)
-    # what DELIATrainer reads back
-    assert load_diverse_dataset(batched).column_names == ["messages"]
-
-
-def test_interrupted_cache_resumes_without_duplicates_or_losses(tmp_path, tokenizer):
-    model = sharp_tiny_model(tokenizer)
-    options = dict(do_sample=False, max_new_tokens=6, batch_size=2)
-    reference = cache_rows(build_cache(model, tokenizer, QUERIES, tmp_path / "reference.jsonl", **options))
-
-    path = tmp_path / "cache.jsonl"
-    generate, calls = model.generate, []
-
-    def failing_generate(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the run is stopped while its second batch is in flight
-        return generate(*args, **kwargs)
-
-    model.generate = failing_generate
-    with pytest.raises(KeyboardInterrupt):
-        build_cache(model, tokenizer, QUERIES, path, **options)
-    model.generate = generate
-    assert len(cache_rows(path)) == 2
-    with open(path, "a") as handle:  # and a row cut off mid-write
-        handle.write('{"messages": [{"role": "user", "con')
-    build_cache(model, tokenizer, QUERIES, path, **options)
-    rows = cache_rows(path)
-    assert rows == reference
-    build_cache(model, tokenizer, QUERIES + QUERIES[:2], path, **options)  # nothing new to do
-    assert cache_rows(path) == reference
-
-
-def test_malformed_queries_name_the_row(tmp_path):
-    with pytest.raises(DataFormatError, match="Query 1 is empty"):
-        read_queries(["fine", "  "])
-    rows = [{"question": "q0", "answer": "a0"}, {"question": "q1", "answer": "a1"}, {"question": None, "answer": "a"}]
-    with pytest.raises(DataFormatError, match="Row 2: field `question` is missing"):
-        read_queries(rows, query_field="question", answer_field="answer")
-    assert read_queries(rows[:2], query_field="question", answer_field="answer")[1] == Query("q1", "a1")
-    bad_chat = [DIVERSE[0], {"messages": [{"role": "user", "content": "hi"}]}]
-    with pytest.raises(DataFormatError, match="Row 1"):
-        read_queries(bad_chat)
-    alpaca = read_queries(TASK[:2])
-    assert alpaca[0] == Query(TASK[0]["instruction"], TASK[0]["output"])
-
-
-# ---------------------------------------------------------------------------------------------- command line
-def test_cli_build_cache_then_train_delia(tmp_path, capsys):
-    from robust_sft.cli import main
-
-    base_dir = save_tiny_model(str(tmp_path / "base"))
-    queries = tmp_path / "queries.jsonl"
-    queries.write_text("\n".join(json.dumps({"question": q.text, "answer": q.reference}) for q in QUERIES))
-    cache = tmp_path / "cache.jsonl"
-    command = ["build-cache", "--queries", str(queries), "--output", str(cache), "--model", base_dir, "--limit", "4",
-               "--query-field", "question", "--answer-field", "answer", "--max-new-tokens", "4"]  # fmt: skip
-    assert main(command) == 0
-    assert f"{cache}: 4 rows." in capsys.readouterr().out
-    data = tmp_path / "task.jsonl"
-    data.write_text("\n".join(json.dumps(row) for row in TASK))
-    out = tmp_path / "run"
-    command = ["train", "delia", "--dataset_name", str(data), "--model_name_or_path", base_dir,
-               "--output_dir", str(out),
-               "--max_steps", "1", "--per_device_train_batch_size", "4", "--use_peft", "--lora_r", "4",
-               "--diverse_dataset", str(cache), "--diverse_ratio", "0.3", "--new_special_tokens", "<sep>",
-               "--report_to", "none", "--save_strategy", "no", "--gradient_checkpointing", "false"]  # fmt: skip
-    assert main(command) == 0
-    assert (out / "adapter_config.json").is_file()
-    assert "<sep>" in (out / "tokenizer.json").read_text()
-    adapter = json.loads((out / "adapter_config.json").read_text())
-    assert "model.embed_tokens" in adapter["target_modules"]
-
-
-def test_self_instruct_seed_tasks_are_queries():
-    from .conftest import SHARED_DATA
-
-    queries = read_queries(f"{SHARED_DATA}/self_instruct/seed_tasks.jsonl")
-    assert len(queries) == 175
-    first = json.loads(open(f"{SHARED_DATA}/self_instruct/seed_tasks.jsonl").readline())
-    assert queries[0] == Query(first["instruction"], first["instances"][0]["output"])
-    with_input = next(q for q in queries if "\n\n" in q.text)
-    assert with_input.reference
-    with pytest.raises(DataFormatError, match="Row 1: field `instruction`"):
-        read_queries([{"instruction": "a", "instances": []}, {"instruction": "", "instances": []}])

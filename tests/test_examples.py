@@ -72,7 +72,7 @@ def test_delia_example(tmp_path):
     out = tmp_path / "out"
     args = ["--model_name_or_path", model, "--output_dir", str(out), *QUICK_RUN, "--lora_r", "4",
             "--lora_target_modules", "all-linear", "--num_queries", "4", "--cache_max_new_tokens", "4",
-            "--diverse_ratio", "0.5", "--new_special_tokens", "<sep>"]  # fmt: skip
+            "--diverse_ratio", "0.5", "--new_special_tokens", "<sep>", "--keep_truncated", "true"]  # fmt: skip
     result = run_example("delia_sft.py", *args)
     assert "Training rows: {'task': 8, 'diverse': 4}" in result.stdout
     assert "Format compliance on unseen phrasings:" in result.stdout

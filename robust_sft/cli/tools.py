@@ -106,6 +106,7 @@ def _build_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--greedy", action="store_true", help="Greedy decoding instead of sampling.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    parser.add_argument("--force", action="store_true", help="Continue a cache made with other settings (mix them).")
 
 
 @command(
@@ -135,6 +136,7 @@ def run_build_cache(args: argparse.Namespace) -> int:
         do_sample=not args.greedy,
         seed=args.seed,
         backend=args.backend,
+        force=args.force,
     )
     with open(path, encoding="utf-8") as cache:
         print(f"{path}: {sum(1 for _ in cache)} rows.")

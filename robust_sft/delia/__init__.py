@@ -7,12 +7,21 @@ itself. [`DELIATrainer`] mixes `len(task) + min(len(cache), int(len(task) * dive
 the diverse losses separately, and adds new special tokens (e.g. `<sep>`) with trainable, correctly initialised
 embeddings.
 
-Files: `cache.py` (`build_cache`), `tokens.py` (new special tokens), `config.py`, `trainer.py`.
+Files: `cache.py` (`build_cache`), `store.py` (the cache file, its settings record, lock and shards),
+`vllm_backend.py`, `tokens.py` (new special tokens), `config.py`, `trainer.py`.
 """
 
-from .cache import Query, build_cache, one_shot_messages, read_queries, render_prompt
+from .cache import QUERIES_FILE, Query, build_cache, one_shot_messages, read_queries, render_prompt
 from .config import DELIAConfig
-from .tokens import add_special_tokens, initialise_new_rows, load_dsft_model, with_embedding_target
+from .store import CacheError, CacheResult, merge_cache_shards
+from .tokens import (
+    add_special_tokens,
+    expose_head_bias,
+    initialise_new_rows,
+    load_dsft_model,
+    with_embedding_target,
+    with_trainable_tokens,
+)
 from .trainer import DELIATrainer, load_diverse_dataset
 
 # The names of earlier releases.
@@ -20,18 +29,24 @@ DSFTConfig = DELIAConfig
 DSFTTrainer = DELIATrainer
 
 __all__ = [
+    "CacheError",
+    "CacheResult",
     "DELIAConfig",
     "DELIATrainer",
     "DSFTConfig",
     "DSFTTrainer",
+    "QUERIES_FILE",
     "Query",
     "add_special_tokens",
     "build_cache",
+    "expose_head_bias",
     "initialise_new_rows",
     "load_diverse_dataset",
     "load_dsft_model",
+    "merge_cache_shards",
     "one_shot_messages",
     "read_queries",
     "render_prompt",
     "with_embedding_target",
+    "with_trainable_tokens",
 ]

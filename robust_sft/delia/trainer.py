@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +22,26 @@ from ..methods import DELIA_PAPER
 from ..trainer import RobustSFTTrainer
 from ..trl_internals import captured_outputs, fused_output
 from .config import SOURCES, DELIAConfig
-from .tokens import DSFT_FILE, add_special_tokens, with_embedding_target
+from .store import is_usable, meta_path, read_rows
+from .tokens import DSFT_FILE, add_tokens_and_rows, expose_head_bias, with_embedding_target, with_trainable_tokens
 
 logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ diverse data
-def load_diverse_dataset(source: Dataset | str | os.PathLike | Sequence[str | os.PathLike]) -> Dataset:
-    """The diverse rows: a Dataset, a cache file written by [`build_cache`], or a list of such files."""
+def load_diverse_dataset(
+    source: Dataset | str | os.PathLike | Sequence[str | os.PathLike], keep_truncated: bool = False
+) -> Dataset:
+    """The diverse rows: a Dataset, a cache file written by [`build_cache`], or a list of such files.
+
+    Rows that [`build_cache`] flagged as cut off by `max_new_tokens` (`finish_reason: "length"`) and empty answers
+    are dropped (counted in the log), unless `keep_truncated`: a truncated answer trained with an end-of-turn token
+    appended would teach the model to stop mid-sentence. Other data files are read by the data layer.
+    """
     if isinstance(source, Dataset):
-        return source
+        if "finish_reason" not in source.column_names or keep_truncated:
+            return source
+        return _drop_unusable(source.to_list(), "the diverse Dataset")
     paths = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not paths:
         raise ValueError("diverse_dataset is an empty list of files.")
@@ -39,9 +51,43 @@ def load_diverse_dataset(source: Dataset | str | os.PathLike | Sequence[str | os
             f"Diverse data file(s) {missing} do not exist. Build a cache with `robust_sft.delia.build_cache(...)` "
             "or `robust-sft build-cache --queries QUERIES --output CACHE.jsonl`, or pass a Dataset."
         )
-    parts = [load_examples(path) for path in paths]
+    parts = [_load_diverse_file(Path(path), keep_truncated) for path in paths]
     parts = [part.select_columns(["messages"]) if "messages" in part.column_names else part for part in parts]
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def _load_diverse_file(path: Path, keep_truncated: bool) -> Dataset:
+    """A build_cache file is read line by line (`\n` only, whatever the text); any other file by the data layer."""
+    if path.suffix == ".jsonl":
+        rows, _ = read_rows(path) if _is_cache(path) else ([], 0)
+        if rows:
+            return Dataset.from_list(rows) if keep_truncated else _drop_unusable(rows, str(path))
+    return load_examples(path)
+
+
+def _is_cache(path: Path) -> bool:
+    if meta_path(path).is_file():
+        return True
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return '"query_key"' in handle.readline()
+
+
+def _drop_unusable(rows: list[dict[str, Any]], name: str) -> Dataset:
+    usable = [row for row in rows if is_usable(row)]
+    if len(usable) < len(rows):
+        truncated = sum(row.get("finish_reason") == "length" for row in rows)
+        logger.warning(
+            "DELIA: %s: dropped %d of %d rows (%d cut off by max_new_tokens, %d empty answers); pass "
+            "keep_truncated=True to keep them.",
+            name,
+            len(rows) - len(usable),
+            len(rows),
+            truncated,
+            len(rows) - len(usable) - truncated,
+        )
+    if not usable:
+        raise ValueError(f"{name} has no usable row (all {len(rows)} are truncated or empty): raise max_new_tokens.")
+    return Dataset.from_list([{"messages": row["messages"]} for row in usable])
 
 
 class DELIATrainer(RobustSFTTrainer):
@@ -78,6 +124,12 @@ class DELIATrainer(RobustSFTTrainer):
         args = args if args is not None else DELIAConfig(output_dir="dsft-output")
         if not isinstance(args, DELIAConfig):
             raise TypeError(f"DELIATrainer needs a DELIAConfig, got {type(args).__name__}.")
+        weighted = args.task_weight != 1 or args.diverse_weight != 1
+        if weighted and kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "compute_loss_func replaces TRL's loss, which task_weight / diverse_weight reweight: the weights "
+                "would be ignored. Set both weights to 1, or fold the weighting into your loss function."
+            )
         if diverse_dataset is None and args.diverse_ratio > 0:
             raise ValueError(
                 "DELIATrainer needs `diverse_dataset` (a Dataset, a cache file from build_cache, or a list of files); "
@@ -96,6 +148,8 @@ class DELIATrainer(RobustSFTTrainer):
             **kwargs,
         )
         self._count_trained_rows()
+        if self.new_token_ids and args.new_token_training == "trainable_tokens":
+            expose_head_bias(self.accelerator.unwrap_model(self.model))
 
     def _count_trained_rows(self) -> None:
         """TRL drops rows that truncation left without a completion token: count what really trains, and say so."""
@@ -120,16 +174,25 @@ class DELIATrainer(RobustSFTTrainer):
         if processing_class is None:
             raise ValueError("new_special_tokens needs the tokenizer: pass processing_class.")
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        before = len(tokenizer)
-        self.new_token_ids = add_special_tokens(model, tokenizer, args.new_special_tokens, args.embedding_pad_multiple)
-        # The rows from here on were initialised by add_special_tokens (tokens added by an earlier run come last).
-        self._base_vocab_size = before if len(tokenizer) > before else min(self.new_token_ids)
-        if kwargs.get("peft_config") is not None:
-            kwargs["peft_config"] = with_embedding_target(kwargs["peft_config"], model)
+        self.new_token_ids, self._base_vocab_size = add_tokens_and_rows(
+            model, tokenizer, args.new_special_tokens, args.embedding_pad_multiple
+        )  # the rows from _base_vocab_size on start as the mean embedding (None: no row was touched)
+        peft_config = kwargs.get("peft_config")
+        if peft_config is None:
+            return model
+        if args.new_token_training == "trainable_tokens":
+            if not hasattr(peft_config, "trainable_token_indices"):
+                raise ValueError(
+                    f"new_token_training='trainable_tokens' needs a LoraConfig (PEFT's trainable_token_indices), got "
+                    f"{type(peft_config).__name__}: use LoRA, or new_token_training='lora_embedding'."
+                )
+            kwargs["peft_config"] = with_trainable_tokens(peft_config, model, self.new_token_ids)
+        else:
+            kwargs["peft_config"] = with_embedding_target(peft_config, model)
             logger.warning(
-                "DSFT with LoRA: the input rows of %s train (LoRA on the embedding), their output rows stay at the"
-                " mean initialisation, so the model reads the new tokens but does not learn to write them. Train"
-                " without peft_config (full fine-tuning) when the answers must contain them.",
+                "DSFT with LoRA on the embedding: the input rows of %s train, their output rows stay at the mean"
+                " initialisation, so the model reads the new tokens but does not learn to write them. Use"
+                " new_token_training='trainable_tokens' (or full fine-tuning) when the answers must contain them.",
                 args.new_special_tokens,
             )
         return model
@@ -152,6 +215,7 @@ class DELIATrainer(RobustSFTTrainer):
                 "new_special_tokens": list(self.args.new_special_tokens),
                 "base_vocab_size": self._base_vocab_size,
                 "embedding_pad_multiple": self.args.embedding_pad_multiple,
+                "new_token_training": self.args.new_token_training,
             }
             Path(output_dir, DSFT_FILE).write_text(json.dumps(record, indent=2))
 
@@ -167,7 +231,8 @@ class DELIATrainer(RobustSFTTrainer):
         return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
 
     def _mix(self, task: Dataset, processing_class: Any, args: DELIAConfig) -> Dataset:
-        wanted = int(len(task) * args.diverse_ratio)
+        # The ratio as written (Fraction("0.29")): int(100 * 0.29) would give 28.
+        wanted = math.floor(len(task) * Fraction(str(args.diverse_ratio)))
         available = len(self.diverse_dataset)
         if available < wanted:
             logger.warning(
