@@ -25,7 +25,7 @@ _LAZY = {
     "load_model_and_tokenizer": "modeling",
     "load_tokenizer": "modeling",
     "build_cache": "delia",
-    "read_queries": "delia",
+    "read_queries": "data",
     "export_taia": "taia",
     "fuse_task_vectors": "realign",
 }

@@ -22,7 +22,7 @@ Formats (detected from the column names, `detect_format`):
 - `instruction` + `output` (+ optional `input`): the Alpaca layout, rendered as one user turn and one assistant turn;
 - `text` (or the config's `dataset_text_field`): plain language modelling.
 Files: `formats.py` (formats, rows, checks, loading), `tokens.py` (token masks from offsets, `prepare_dataset`),
-`collator.py` (`RobustDataCollator`).
+`collator.py` (`RobustDataCollator`), `queries.py` (`read_queries`: queries for self-sampling).
 """
 
 from .collator import RobustDataCollator
@@ -40,6 +40,7 @@ from .formats import (
     load_examples,
     to_example,
 )
+from .queries import Query, read_queries
 from .tokens import (
     TOKEN_COLUMNS,
     InstructionTransform,
@@ -72,7 +73,9 @@ __all__ = [
     "detect_format",
     "instruction_token_mask",
     "load_examples",
+    "Query",
     "prepare_dataset",
+    "read_queries",
     "render_example",
     "require_chat_template",
     "to_example",

@@ -11,7 +11,8 @@ Files: `cache.py` (`build_cache`), `store.py` (the cache file, its settings reco
 `vllm_backend.py`, `tokens.py` (new special tokens), `config.py`, `trainer.py`.
 """
 
-from .cache import QUERIES_FILE, Query, build_cache, one_shot_messages, read_queries, render_prompt
+from ..data.queries import Query, read_queries
+from .cache import QUERIES_FILE, build_cache, one_shot_messages, render_prompt
 from .config import DELIAConfig
 from .store import CacheError, CacheResult, merge_cache_shards
 from .tokens import (
