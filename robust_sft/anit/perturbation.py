@@ -41,7 +41,9 @@ def anit_perturbation(
         gradient: (batch, length, hidden) gradient of the loss with respect to the input embeddings.
         mask: (batch, length) 1 on the tokens that may move, 0 elsewhere.
         radius: (batch,) the per-example unit of length, `s * h(d_i)` (embedding scale times the NRM multiplier).
-        init, eta, epsilon: the random start's norm, the step and the ball's radius, in units of `radius`.
+        init: the random start's per-token norm, in units of `radius`.
+        eta: the ascent step's per-token norm, in units of `radius`.
+        epsilon: the radius of the L2 ball the perturbation is projected onto, in units of `radius`.
         noise: (batch, length, hidden) the random directions of the start (standard normal drawn here when None).
 
     Every perturbed token t of example i gets `delta0_t = init * r_i * u_t / ||u_t||`, then
