@@ -106,18 +106,18 @@ def test_realigned_weights_equal_the_formula_for_the_exported_mask(model_pair, t
         for mask in masks.values():
             mask.logits.copy_(torch.randn(mask.logits.shape, generator=generator))
     expected = {}
-    safe = weights(safe_dir)
+    safe, tuned = weights(safe_dir), weights(tuned_dir)
     for name, mask in masks.items():
         binary = (mask.logits > 0).float().expand_as(vector[name])
-        if granularity == "tensor":  # one value per tensor: applied as is (m / mean(m) would always be 1)
-            factor = binary
+        if granularity == "tensor":  # one value per tensor, applied as is (m / mean(m) would always be 1)
+            expected[name] = tuned[name] if binary.all() else safe[name]  # s = 1 gives W_ft bit for bit
         else:
             factor = binary / binary.mean() if binary.mean() > 0 else torch.zeros_like(binary)
-        expected[name] = safe[name] + factor * vector[name]
+            expected[name] = safe[name] + factor * vector[name]
+    assert granularity != "tensor" or len({torch.equal(e, safe[n]) for n, e in expected.items()}) == 2
     remove_masks(model, masks)
     state = model.state_dict()
-    for name, value in expected.items():  # computed as lerp(W_safe, W_ft, s): equal up to float32 rounding
-        torch.testing.assert_close(state[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    assert all(torch.equal(state[name], value) for name, value in expected.items())  # bit for bit
     untouched = [n for n in safe if n not in vector]
     assert all(torch.equal(state[n], safe[n]) for n in untouched)
 

@@ -1,8 +1,12 @@
 """The realignment benchmark's DPO "chosen" answers are independent of the alignment refusals and of the refusal
 keywords the score counts (else the refusal rate would partly measure recall of the scored phrases)."""
 
+import json
 import os
+import subprocess
 import sys
+
+import pytest
 
 from robust_sft.evaluation import REFUSAL_KEYWORDS, is_refusal
 
@@ -33,3 +37,23 @@ def test_dpo_chosen_answers_are_independent_of_refusals_and_keywords():
     template = set().union(*(four_grams(refusal) for refusal in refusals))
     for answer in answers:  # no answer shares a four-word phrase with an alignment refusal
         assert not four_grams(answer) & template, answer
+
+
+@pytest.mark.slow
+def test_memory_benchmark_quick(tmp_path):
+    """The memory benchmark's --quick run (two rows) writes its report; the realignment's own tensors follow the
+    documented formula: 4 (W_ft) + 4 (logit) + 4 (gradient) + 8 (Adam) bytes per masked element in float32."""
+    command = [sys.executable, os.path.join(BENCHMARKS, "realign_memory.py"), "--quick", "--output-dir", str(tmp_path)]
+    command += ["--rows", "lora-model", "realign-lora"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "realign-memory-quick.json").read_text())
+    rows = report["rows"]
+    assert list(rows) == ["fine-tuned LoRA model (load + forward)", "realign, LoRA mode (reference through the masks)"]
+    realign = rows["realign, LoRA mode (reference through the masks)"]
+    assert realign["realign_bytes_per_masked_element"] == pytest.approx(20.0, abs=0.01)  # + Adam step counters
+    assert realign["reference_bytes"] == 0
+    assert (
+        realign["peak_above_imports_mib"] > 0
+        and rows["fine-tuned LoRA model (load + forward)"]["peak_over_lora_model"] == 1.0
+    )

@@ -174,7 +174,7 @@ def test_fusion_takes_trained_masks_files_and_values(model_pair, tmp_path, token
     realigned = apply_task_vector(AutoModelForCausalLM.from_pretrained(safe_dir), fused[0]).state_dict()
     trainer.export(tmp_path / "exported")
     exported = weights(tmp_path / "exported")
-    for name in vector:  # the trainer's export (lerp) and the task-vector route (add) agree to float32 rounding
+    for name in vector:  # the trainer's export and the task-vector route (fusion, then add) agree
         torch.testing.assert_close(realigned[name], exported[name], rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="masks cover tensors the task vector lacks"):
         masked_task_vector({"other.weight": torch.ones(2, 2)}, path)

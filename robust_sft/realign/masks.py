@@ -1,11 +1,14 @@
 """Concrete (relaxed Bernoulli) masks over a task vector, attached with `torch.nn.utils.parametrize`.
 
 A masked weight reads `W_safe + s * tau` with `s = m / mean(m)` for a mask per element or per row, and `s = m` for a
-single value per tensor (whose mean normalisation would always give 1). It is computed as `lerp(W_safe, W_ft, s)`
-from the frozen safe weight and the fine-tuned one, so that `s = 1` gives `W_ft` and `s = 0` gives `W_safe` bit for
-bit. The mask is sampled once per forward of the model: a forward pre-hook draws one seed per forward and every read
-of a masked weight in that forward (PEFT reads LoRA weights twice, gradient checkpointing re-runs layers in the
-backward) regenerates the same noise from it.
+single value per tensor (whose mean normalisation would always give 1), computed from the frozen safe weight and the
+fine-tuned one `W_ft` (kept by the mask): in training as `lerp(W_safe, W_ft, s)`, at export as the formula in float32
+with `W_ft` itself where `s = 1`, so that a mask of ones gives the fine-tune and a mask of zeros the safe model bit for
+bit (`W_safe + (W_ft - W_safe)` is not always `W_ft` in floating point).
+
+The mask is sampled once per forward of the model: a forward pre-hook draws one seed per forward and every read of a
+masked weight in that forward (PEFT reads LoRA weights twice, gradient checkpointing re-runs layers in the backward)
+regenerates the same noise from it.
 """
 
 from __future__ import annotations
@@ -84,7 +87,8 @@ def deterministic_mask(logits: torch.Tensor, export_mode: str = "threshold") -> 
 
 class ConcreteMask(nn.Module):
     """A parametrization `W_safe -> W_safe + s * (W_ft - W_safe)` with a Concrete (relaxed Bernoulli) mask `m` and
-    `s` its [`mask_scale`], computed as `lerp(W_safe, W_ft, s)`.
+    `s` its [`mask_scale`] (computed as `lerp(W_safe, W_ft, s)` in training; in eval as the formula in float32, with
+    `W_ft` itself where `s = 1`).
 
     In training mode `m = sigmoid((logits + log u - log(1 - u)) / temperature)` with `u ~ U(0, 1)` drawn from
     `seed` (set once per forward by [`attach_masks`]' hook; global RNG when unset); in eval mode the deterministic
@@ -141,9 +145,11 @@ class ConcreteMask(nn.Module):
         if self.force_ones:
             return self.finetuned
         scale = _broadcastable(mask_scale(self.mask()), weight.dim())
-        if self.training:  # in the model's dtype: no float32 copy of the weights in the autograd graph
+        if self.training:  # lerp in the model's dtype: autograd keeps no float32 copy nor W_ft - W_safe
             return torch.lerp(weight, self.finetuned, scale.to(weight.dtype))
-        return torch.lerp(weight.float(), self.finetuned.float(), scale.float()).to(weight.dtype)
+        # The export: the formula itself in float32, and W_ft bit for bit where s = 1.
+        safe, tuned, scale = weight.float(), self.finetuned.float(), scale.float()
+        return torch.where(scale == 1, tuned, safe + scale * (tuned - safe)).to(weight.dtype)
 
     def kept_fraction(self) -> float:
         """Share of the task vector the export keeps (threshold) or its expected share (expected)."""
