@@ -23,16 +23,14 @@ import os
 import random
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, TrlParser, get_peft_config
-
-from robust_sft import load_model_and_tokenizer
+from robust_sft.cli.train import load_model, parse_args, peft_config
 from robust_sft.delia import QUERIES_FILE, DELIAConfig, DELIATrainer, build_cache, load_diverse_dataset, read_queries
 from robust_sft.demo import SEP_FORMAT, make_sep_task_data
 from robust_sft.evaluation import format_compliance, generate_answers
 
 
 @dataclass
-class ScriptArguments:
+class ExampleArguments:
     train_size: int = field(default=16, metadata={"help": "Task rows."})
     queries_path: str = field(default=str(QUERIES_FILE), metadata={"help": "Broad query set (any data file)."})
     query_field: str | None = field(default=None, metadata={"help": "Column of the query in queries_path."})
@@ -68,20 +66,14 @@ def train(training_args, model_args, task, diverse):
         train_dataset=task,
         diverse_dataset=diverse,
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=peft_config(model_args, training_args),
     )
     trainer.train()
     return trainer
 
 
-def load_model(model_args, training_args):
-    quantization = "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None
-    return load_model_and_tokenizer(
-        model_args.model_name_or_path, quantization=quantization, trust_remote_code=training_args.trust_remote_code
-    )
-
-
-def main(script_args: ScriptArguments, training_args: DELIAConfig, model_args: ModelConfig) -> None:
+def main(_cli_args, training_args: DELIAConfig, model_args, _dataset_args, script_args: ExampleArguments) -> None:
+    """`_cli_args` / `_dataset_args`: the CLI's dataset options, unused (the task rows are generated here)."""
     task, unseen = make_sep_task_data(script_args.train_size, seed=training_args.seed)
     queries = read_queries(script_args.queries_path, script_args.query_field, script_args.answer_field)
     random.Random(training_args.seed).shuffle(queries)
@@ -138,5 +130,5 @@ def main(script_args: ScriptArguments, training_args: DELIAConfig, model_args: M
 
 
 if __name__ == "__main__":
-    parser = TrlParser((ScriptArguments, DELIAConfig, ModelConfig))
-    main(*parser.parse_args_and_config())
+    # The parser of `robust-sft train delia` (one recipe for both), plus the example's own arguments.
+    main(*parse_args("delia", extra=(ExampleArguments,), prog="examples/delia_sft.py"))
