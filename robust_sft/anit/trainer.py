@@ -58,6 +58,9 @@ class ANITTrainer(NoisyDataMixin, RobustSFTTrainer):
         if args.noise_per_epoch and args.use_noise:
             self.add_callback(_EpochNoiseCallback(self))
         if args.use_adversarial:
+            # Measured now, on the pre-trained embeddings: a run resumed from a checkpoint is built on the same base,
+            # so it gets the same scale as the uninterrupted run (measured lazily, it read the trained embeddings).
+            self.embedding_scale(self.model)
             logger.info(
                 "ANIT: adversarial term on every %s step(s), %s; per-token sizes relative to the embedding scale: "
                 "start %g, step %g, ball %g.",
@@ -168,7 +171,7 @@ class ANITTrainer(NoisyDataMixin, RobustSFTTrainer):
 
     def embedding_scale(self, model) -> float:
         """The embedding scale s: `adversarial_embedding_scale`, else the mean L2 norm of the input-embedding rows
-        (measured once; the same on every process)."""
+        (measured once, when the trainer is built; the same on every process)."""
         if self._embedding_unit is None:
             weight = self.accelerator.unwrap_model(model).get_input_embeddings().weight
             if weight.numel() == 0:  # a ZeRO-3 partitioned embedding

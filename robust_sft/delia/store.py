@@ -266,6 +266,9 @@ class CacheResult(os.PathLike):
     skipped: int = 0
     shards: list[Path] = field(default_factory=list)
 
+    def __hash__(self) -> int:  # usable wherever a path is, e.g. Jupyter's `open`, which hashes its argument
+        return hash(self.path)
+
     def __fspath__(self) -> str:
         return os.fspath(self.path)
 
