@@ -229,7 +229,9 @@ def test_dataset_dict_of_eval_sets(output_dir, template):
 # Settings that turn off each method's data change, so that its trainer must prepare what SFTTrainer prepares: ANIT
 # without noisy instructions (its adversarial term only changes the loss), DELIA without diverse rows. A method added
 # to the registry must be added here (test_every_sft_method_has_neutral_settings).
-NEUTRAL = {"taia": {}, "anit": {"use_noise": False}, "delia": {"diverse_ratio": 0.0}}
+# ANIT without noise, perturbing every token: its data preparation must still be TRL's. (With the default prompt
+# scope, `messages` rows train the whole sequence, leave nothing to perturb, and ANIT refuses them: see test_anit.)
+NEUTRAL = {"taia": {}, "anit": {"use_noise": False, "adversarial_scope": "all"}, "delia": {"diverse_ratio": 0.0}}
 SFT_METHODS = sorted(
     name for name, method in METHODS.items() if name != "sft" and issubclass(method.trainer_class(), SFTTrainer)
 )

@@ -359,8 +359,9 @@ def test_cli_realign_then_eval_safety(model_pair, tmp_path, capsys):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps(pair) for pair in PAIRS))
     out = tmp_path / "realigned"
-    command = ["realign", "--safe", safe_dir, "--finetuned", tuned_dir, "--preferences", str(pairs),
-               "--output-dir", str(out), "--steps", "1", "--batch-size", "4", "--granularity", "row"]  # fmt: skip
+    command = ["train", "realign", "--model_name_or_path", safe_dir, "--finetuned_model", tuned_dir,
+               "--dataset_name", str(pairs), "--output_dir", str(out), "--max_steps", "1",
+               "--per_device_train_batch_size", "4", "--mask_granularity", "row", "--report_to", "none"]  # fmt: skip
     assert main(command) == 0
     report = json.loads((out / "realign_report.json").read_text())
     assert set(report["per_tensor"]) == set(task_vector_from_models(safe_dir, tuned_dir))
