@@ -53,6 +53,19 @@ def timed(function) -> tuple[float, object]:
     return time.perf_counter() - started, value
 
 
+def sampling_kwargs(settings, tokenizer) -> dict:
+    """The `generate` arguments every plain-transformers row samples with (the cache's own settings)."""
+    return dict(
+        max_new_tokens=settings["max_new_tokens"],
+        do_sample=True,
+        temperature=settings["temperature"],
+        top_p=settings["top_p"],
+        top_k=None,
+        eos_token_id=settings["stop_token_ids"],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def one_by_one(model, tokenizer, queries, prompts, settings) -> dict:
     """`model.generate` per query under the query's own seed: the tokens build_cache draws, without batching."""
     import torch
@@ -66,13 +79,7 @@ def one_by_one(model, tokenizer, queries, prompts, settings) -> dict:
             output = model.generate(
                 torch.tensor([prompt]),
                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=settings["max_new_tokens"],
-                do_sample=True,
-                temperature=settings["temperature"],
-                top_p=settings["top_p"],
-                top_k=None,
-                eos_token_id=settings["stop_token_ids"],
-                pad_token_id=tokenizer.pad_token_id,
+                **sampling_kwargs(settings, tokenizer),
             )
             new = output[0, len(prompt) :].tolist()
             answer = tokenizer.decode(new, skip_special_tokens=True).strip()
@@ -90,13 +97,7 @@ def generate_batched(model, tokenizer, prompts, settings, batch_size) -> int:
             batch = tokenizer.pad({"input_ids": ordered[start : start + batch_size]}, return_tensors="pt")
             output = model.generate(
                 **batch,
-                max_new_tokens=settings["max_new_tokens"],
-                do_sample=True,
-                temperature=settings["temperature"],
-                top_p=settings["top_p"],
-                top_k=None,
-                eos_token_id=settings["stop_token_ids"],
-                pad_token_id=tokenizer.pad_token_id,
+                **sampling_kwargs(settings, tokenizer),
             )
             tokens += count_new_tokens(output[:, batch["input_ids"].shape[1] :].tolist(), settings["stop_token_ids"])
     finally:
