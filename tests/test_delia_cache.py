@@ -404,7 +404,7 @@ def test_cli_build_cache_then_train_delia(tmp_path, capsys):
 
 
 SHARD_SCRIPT = """
-import json, sys
+import json, os, sys
 import torch
 from robust_sft.delia import Query, build_cache
 from robust_sft.generation import end_of_turn_token_ids
@@ -420,7 +420,10 @@ with torch.no_grad():  # the test's stopping_tiny_model
 queries = [Query(**query) for query in json.loads(sys.argv[2])]
 options = json.loads(sys.argv[3])
 result = build_cache(model.eval(), tokenizer, queries, sys.argv[1], **options)
-print("RESULT", result.path, result.written, result.rows)
+# one file per rank: two ranks printing to one pipe can interleave their lines
+report = f"{sys.argv[1]}.report{os.environ['RANK']}"
+with open(report, "w") as handle:
+    handle.write(f"RESULT {result.path} {result.written} {result.rows}")
 """
 
 
@@ -443,8 +446,8 @@ def test_a_two_process_launch_shards_and_merges(tmp_path, model, tok):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = [line.split() for line in result.stdout.splitlines() if line.startswith("RESULT")]
-    assert len(reports) == 2 and {report[1] for report in reports} == {str(path)}
+    reports = [(tmp_path / f"cache.jsonl.report{rank}").read_text().split() for rank in range(2)]
+    assert {report[1] for report in reports} == {str(path)}
     assert sum(int(report[2]) for report in reports) == 20  # each rank sampled its own share
     rows = rows_of(path)
     assert len(rows) == len({row["query_key"] for row in rows}) == 20
