@@ -30,8 +30,26 @@ OPERATORS = [
     "irrelevant_append",
     "distracting_context",
 ]
+# Instructions written by hand for this benchmark, unlike anything a noise operator produces (rewordings, questions,
+# other registers), to test generalisation beyond the training noise. Each is scored on every evaluation row.
+PARAPHRASES = [
+    "Is the following movie review positive or negative?",
+    "Read this review and tell me whether the reviewer liked the film. Answer positive or negative.",
+    "What sentiment does the text below express? Reply with one word: positive or negative.",
+    "Decide whether the opinion in this review is favourable (positive) or unfavourable (negative).",
+    "Sentiment analysis task - label the review as positive or negative:",
+    "Here is a short film review. Would you say its tone is positive or negative?",
+    "Does the critic recommend this movie? Say positive if yes and negative if no.",
+]
 CONFIGURATIONS = ["base (no training)", "SFT", "NEFTune (alpha 5)", "noise only", "ANIT eta=0", "ANIT"]
-METRICS = ("clean_accuracy", "perturbed_accuracy", "mean_pdr", "train_seconds")
+METRICS = (
+    "clean_accuracy",
+    "perturbed_accuracy",
+    "mean_pdr",
+    "paraphrase_accuracy",
+    "paraphrase_pdr",
+    "train_seconds",
+)
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (1..30); 1.96 beyond.
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -87,9 +105,12 @@ def run_seed(seed: int, args) -> dict[str, dict]:
 
     train_rows = load_sst2(SHARED_DATA / "sst2" / "train.tsv", args.train_rows, seed=seed, min_words=6)
     eval_rows = load_sst2(SHARED_DATA / "sst2" / "dev.tsv", args.eval_rows, seed=1000 + seed)
-    operators = OPERATORS[:2] if args.quick else OPERATORS
+    operators = OPERATORS[:2] if args.quick else args.operators
+    paraphrases = PARAPHRASES[:2] if args.quick else PARAPHRASES
+    # The paraphrases are scored on the first `--paraphrase-rows` held-out rows (each paraphrase on all of them).
+    paraphrase_rows = eval_rows.select(range(min(args.paraphrase_rows, len(eval_rows))))
     results = {}
-    for name in CONFIGURATIONS:
+    for name in args.configurations:
         model, tokenizer = load_benchmark_model(args.quick, seed)
         started = time.perf_counter()
         train_seconds = 0.0
@@ -101,11 +122,20 @@ def run_seed(seed: int, args) -> dict[str, dict]:
         scores = perturbation_robustness(
             model, tokenizer, eval_rows, SST2_LABELS, operators, rate=args.rate, seed=seed, batch_size=32
         )
+        reworded = perturbation_robustness(
+            model, tokenizer, paraphrase_rows, SST2_LABELS, [], seed=seed, batch_size=32,
+            instruction_variants=paraphrases,
+        )  # fmt: skip
+        scores.update({key: value for key, value in reworded.items() if key.startswith("paraphrase:")})
+        scores["paraphrase_clean"] = reworded["clean"]
         perturbed = [scores[op]["accuracy"] for op in operators]
+        reworded = [scores[f"paraphrase:{number}"] for number in range(len(paraphrases))]
         results[name] = {
             "clean_accuracy": scores["clean"]["accuracy"],
             "perturbed_accuracy": sum(perturbed) / len(perturbed),
             "mean_pdr": sum(scores[op]["pdr"] for op in operators) / len(operators),
+            "paraphrase_accuracy": sum(score["accuracy"] for score in reworded) / len(reworded),
+            "paraphrase_pdr": sum(score["pdr"] for score in reworded) / len(reworded),
             "train_seconds": train_seconds,
             "eval_rows": len(eval_rows),
             "scores": scores,
@@ -139,7 +169,7 @@ def summary_plot(summary: dict[str, dict[str, dict]], path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(summary)
-    metrics = ("clean_accuracy", "perturbed_accuracy", "mean_pdr")
+    metrics = ("clean_accuracy", "perturbed_accuracy", "paraphrase_accuracy", "mean_pdr")
     figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
     for axis, metric in zip(axes, metrics):
         means = [summary[name][metric]["mean"] for name in names]
@@ -243,7 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--probe-sizes", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1], help="Per-token sizes to probe."
     )
+    parser.add_argument("--operators", nargs="+", default=OPERATORS, choices=OPERATORS, help="Evaluation operators.")
+    parser.add_argument(
+        "--paraphrase-rows", type=int, default=None, help="Held-out rows each paraphrase is scored on."
+    )
+    parser.add_argument(
+        "--configurations", nargs="+", default=CONFIGURATIONS, choices=CONFIGURATIONS, help="What to train and score."
+    )
     args = parser.parse_args(argv)
+    args.paraphrase_rows = args.paraphrase_rows or (8 if args.quick else 100)
     args.train_rows = args.train_rows or (16 if args.quick else 256)
     args.eval_rows = args.eval_rows or (8 if args.quick else 500)
     args.steps = args.steps or (2 if args.quick else args.train_rows // 8)
@@ -254,12 +292,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.step_probe:
         step_probe(args)
         return 0
-    per_seed = {seed: run_seed(seed, args) for seed in args.seeds}
+    started = time.perf_counter()
+    suffix = "-quick" if args.quick else ""
+    partial = Path(args.output_dir) / f".anit{suffix}-seeds.json"  # each finished seed, so a stopped run resumes
+    settings = {key: value for key, value in vars(args).items() if key not in ("seeds", "output_dir")}
+    saved = json.loads(partial.read_text()) if partial.exists() else {"settings": settings, "seeds": {}}
+    if saved["settings"] != settings:
+        raise SystemExit(f"{partial} holds seeds of other settings ({saved['settings']}); delete it to start over.")
+    per_seed = saved["seeds"]
+    for seed in args.seeds:
+        if str(seed) not in per_seed:
+            per_seed[str(seed)] = run_seed(seed, args)
+            write_report(partial.parent, partial.stem, {"settings": settings, "seeds": per_seed})
+    per_seed = {seed: per_seed[str(seed)] for seed in args.seeds}
     summary = {
         name: {metric: mean_and_interval([per_seed[seed][name][metric] for seed in args.seeds]) for metric in METRICS}
-        for name in CONFIGURATIONS
+        for name in args.configurations
     }
-    suffix = "-quick" if args.quick else ""
     report = {
         "benchmark": "anit",
         "command": ("python benchmarks/anit.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip(),
@@ -269,13 +318,17 @@ def main(argv: list[str] | None = None) -> int:
         "eval_rows": args.eval_rows,
         "steps": args.steps,
         "eval_rate": args.rate,
-        "operators": OPERATORS[:2] if args.quick else OPERATORS,
+        "operators": OPERATORS[:2] if args.quick else args.operators,
+        "paraphrases": PARAPHRASES[:2] if args.quick else PARAPHRASES,
+        "paraphrase_rows": args.paraphrase_rows,
+        "wall_seconds": time.perf_counter() - started,
         "seeds": args.seeds,
         "interval": "95% t-interval of the mean over seeds",
         "summary": summary,
         "per_seed": per_seed,
     }
     write_report(args.output_dir, f"anit{suffix}", report)
+    partial.unlink(missing_ok=True)
     output_dir = Path(args.output_dir)
     (output_dir / f"anit{suffix}-summary.md").write_text(summary_table(summary))
     summary_plot(summary, output_dir / f"anit{suffix}-summary.png", f"ANIT on SST-2, seeds {args.seeds}")

@@ -43,7 +43,8 @@ def test_anit_quick(tmp_path):
     rows = ["base (no training)", "SFT", "NEFTune (alpha 5)", "noise only", "ANIT eta=0", "ANIT"]
     assert list(report["summary"]) == rows
     for name, metrics in report["summary"].items():
-        assert set(metrics) == {"clean_accuracy", "perturbed_accuracy", "mean_pdr", "train_seconds"}, name
+        expected = {"clean_accuracy", "perturbed_accuracy", "mean_pdr", "paraphrase_accuracy", "paraphrase_pdr"}
+        assert set(metrics) == expected | {"train_seconds"}, name
         clean = metrics["clean_accuracy"]
         values = [report["per_seed"][seed][name]["clean_accuracy"] for seed in ("0", "1")]
         assert clean["n"] == 2 and clean["mean"] == sum(values) / 2 and 0.0 <= clean["mean"] <= 1.0
@@ -52,7 +53,9 @@ def test_anit_quick(tmp_path):
         assert (clean["low"], clean["high"]) == pytest.approx((clean["mean"] - half, clean["mean"] + half))
     assert report["summary"]["base (no training)"]["train_seconds"]["mean"] == 0.0
     seed_scores = report["per_seed"]["0"]["ANIT"]["scores"]
-    assert {"clean", "char_substitute", "keyboard_typo"} <= set(seed_scores)
+    assert {"clean", "char_substitute", "keyboard_typo", "paraphrase:0", "paraphrase:1"} <= set(seed_scores)
+    paraphrases = [seed_scores[f"paraphrase:{number}"]["accuracy"] for number in range(2)]
+    assert report["per_seed"]["0"]["ANIT"]["paraphrase_accuracy"] == pytest.approx(sum(paraphrases) / 2)
     assert (tmp_path / "anit-quick-summary.png").is_file()
     assert (tmp_path / "anit-quick-summary.md").read_text().count("\n") == len(rows) + 2
 

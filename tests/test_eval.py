@@ -224,3 +224,31 @@ def test_cli_eval_tasks(tmp_path, task, data, extra, rows):
     names = [name if name != model else "model" for name in results]
     assert names[: len(rows)] == rows
     assert (tmp_path / "out" / f"{task}.png").is_file() and (tmp_path / "out" / f"{task}.md").is_file()
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_shared_prompt_scores_equal_each_option_scored_alone(architecture, tokenizer):
+    """The prompt run once on the left-padded batch and each option's tail on its KV cache gives every option the
+    log-probability a plain unpadded forward of that option's whole row gives (rotary and absolute positions)."""
+    from robust_sft.evaluation.scoring import shared_prefix_log_probs
+    from robust_sft.testing import make_tiny_model
+
+    model = make_tiny_model(architecture, tokenizer).eval()
+    questions = [("short?", ["yes", "no way at all"]), ("a much longer question with words?", ["a b", "c", "d e f"])]
+    groups = []
+    for question, options in questions:
+        rows = [
+            {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": option}]}
+            for option in options
+        ]
+        groups.append(list(prepare_dataset(Dataset.from_list(rows), tokenizer)))
+    shared = shared_prefix_log_probs(model, groups, tokenizer.pad_token_id)
+    for group, scores in zip(groups, shared):
+        for row, (log_prob, count) in zip(group, scores):
+            ids, labels = torch.tensor([row["input_ids"]]), torch.tensor(row["labels"][1:])
+            with torch.no_grad():
+                log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            answer = labels != -100
+            expected = log_probs[answer].gather(-1, labels[answer].unsqueeze(-1)).sum().item()
+            assert count == int(answer.sum()) > 0
+            assert log_prob == pytest.approx(expected, abs=1e-4)

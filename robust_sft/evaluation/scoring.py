@@ -111,20 +111,101 @@ def multiple_choice_predictions(
             )
             owners.append(number)
     prepared = prepare_dataset(Dataset.from_list(rows), tokenizer, desc="Tokenizing options")
+    groups: list[list[dict]] = [[] for _ in questions]
+    for owner, row in zip(owners, prepared):
+        groups[owner].append(row)
+    # Longest first, so the questions of one batch have nearly one length: little padding, memory errors come early.
+    order = sorted(range(len(groups)), key=lambda number: -max(len(row["input_ids"]) for row in groups[number]))
+    per_batch = max(1, batch_size // max(len(item.options) for item in questions)) if questions else 1
     was_training = model.training
     model.eval()
-    scores = []
-    for start in tqdm(range(0, len(prepared), batch_size), desc=desc, leave=False):
-        batch = list(prepared.select(range(start, min(start + batch_size, len(prepared)))))
-        log_prob, tokens = _token_log_probs(model, _pad_batch(batch, tokenizer.pad_token_id))
-        scores.extend((log_prob / tokens.clamp(min=1) if length_normalized else log_prob).tolist())
+    scores: list[list[float]] = [[] for _ in questions]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for start in tqdm(range(0, len(order), per_batch), desc=desc, leave=False):
+        numbers = order[start : start + per_batch]
+        for number, options in zip(numbers, shared_prefix_log_probs(model, [groups[i] for i in numbers], pad_id)):
+            scores[number] = [
+                log_prob / max(tokens, 1) if length_normalized else log_prob for log_prob, tokens in options
+            ]
     model.train(was_training)
-    predicted, cursor = [], 0
-    for item in questions:
-        option_scores = scores[cursor : cursor + len(item.options)]
-        cursor += len(item.options)
-        predicted.append(max(range(len(option_scores)), key=option_scores.__getitem__))
-    return predicted
+    return [max(range(len(option_scores)), key=option_scores.__getitem__) for option_scores in scores]
+
+
+def _shared_length(rows: Sequence[dict[str, list[int]]]) -> int:
+    """How many leading tokens every row shares, ending before the first answer token of any row (at least 1)."""
+    first_answer = min(next(i for i, label in enumerate(row["labels"]) if label != -100) for row in rows)
+    shared = 0
+    for tokens in zip(*(row["input_ids"] for row in rows)):
+        if shared >= first_answer or any(token != tokens[0] for token in tokens):
+            break
+        shared += 1
+    return max(shared, 1)
+
+
+@torch.no_grad()
+def shared_prefix_log_probs(
+    model: PreTrainedModel, groups: Sequence[Sequence[dict[str, list[int]]]], pad_token_id: int
+) -> list[list[tuple[float, int]]]:
+    """For each group (one question's options, tokenized rows with `labels`), each option's summed answer log-prob and
+    answer token count. The tokens a group's options share (the prompt) run once; each option runs only its own tail
+    on that prompt's KV cache, so two-label classification costs about one forward instead of two."""
+    device = _model_device(model)
+    shared = [_shared_length(rows) for rows in groups]
+    prefixes = [rows[0]["input_ids"][:length] for rows, length in zip(groups, shared)]
+    owners = [number for number, rows in enumerate(groups) for _ in rows]
+    tails = [
+        (row["input_ids"][length:], row["labels"][length:]) for rows, length in zip(groups, shared) for row in rows
+    ]
+    width = max(map(len, prefixes))  # prompts padded on the left, so every row's last prompt token is the last column
+    prompt_ids = torch.full((len(groups), width), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(groups), width), dtype=torch.long)
+    for row, ids in enumerate(prefixes):
+        prompt_ids[row, width - len(ids) :] = torch.tensor(ids)
+        prompt_mask[row, width - len(ids) :] = 1
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    prompt = model(
+        input_ids=prompt_ids.to(device),
+        attention_mask=prompt_mask.to(device),
+        position_ids=positions.to(device),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = getattr(prompt, "past_key_values", None)
+    if cache is None:  # a model without a KV cache: every option scored on its own, whole
+        rows = [row for group in groups for row in group]
+        log_probs, counts = _token_log_probs(model, _pad_batch(rows, pad_token_id))
+        return _by_owner(len(groups), owners, log_probs.tolist(), counts.tolist())
+    index = torch.tensor(owners)
+    cache.batch_select_indices(index.to(device))
+    tail_width = max(len(ids) for ids, _ in tails)
+    tail_ids = torch.full((len(tails), tail_width), pad_token_id, dtype=torch.long)
+    targets = torch.full((len(tails), tail_width), -100, dtype=torch.long)
+    tail_mask = torch.zeros((len(tails), tail_width), dtype=torch.long)
+    for row, (ids, labels) in enumerate(tails):
+        tail_ids[row, : len(ids)] = torch.tensor(ids)
+        targets[row, : len(ids)] = torch.tensor(labels)
+        tail_mask[row, : len(ids)] = 1
+    tail_positions = torch.tensor([len(prefixes[owner]) for owner in owners])[:, None] + torch.arange(tail_width)
+    logits = model(
+        input_ids=tail_ids.to(device),
+        attention_mask=torch.cat([prompt_mask[index], tail_mask], dim=1).to(device),
+        position_ids=tail_positions.to(device),
+        past_key_values=cache,
+        use_cache=True,
+    ).logits
+    # A tail's first token is predicted by its prompt's last position, each next one by the tail's previous position.
+    logits = torch.cat([prompt.logits[:, -1:][index.to(device)], logits[:, :-1]], dim=1).float()
+    targets = targets.to(device)
+    mask = targets != -100
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return _by_owner(len(groups), owners, (picked * mask).sum(-1).tolist(), mask.sum(-1).tolist())
+
+
+def _by_owner(size: int, owners: list[int], sums: list[float], counts: list[int]) -> list[list[tuple[float, int]]]:
+    results: list[list[tuple[float, int]]] = [[] for _ in range(size)]
+    for owner, log_prob, tokens in zip(owners, sums, counts):
+        results[owner].append((log_prob, int(tokens)))
+    return results
 
 
 def _classification_questions(
