@@ -122,6 +122,12 @@ class TRLLossMixin:
         value = value.detach().float().reshape(1).to(self.accelerator.device)
         self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value).mean().item())
 
+    def _log_total(self, name: str, value: torch.Tensor | float) -> None:
+        """Record the sum of a per-process count over every process (a collective, like `_log_metric`)."""
+        mode = "train" if self.model.training else "eval"
+        value = torch.tensor([float(value)], device=self.accelerator.device)
+        self._metrics[mode][name].append(self.accelerator.gather(value).sum().item())
+
     def _log_ratio(self, name: str, total: torch.Tensor | float, count: torch.Tensor | float) -> None:
         """Record sum(total) / sum(count) over every process: a fixed-size collective, safe when a process has no
         item of this kind (count 0); nothing is recorded when no process has one."""

@@ -35,7 +35,7 @@ class ANITTrainer(NoisyDataMixin, RobustSFTTrainer):
     training row, the original and the trained instruction, the operator (`""` when the text is unchanged) and the
     distortion (`noise_logs[epoch]` for every epoch with `noise_per_epoch`). Logged metrics: `clean_loss`,
     `adversarial_loss` (on the steps that take the term), `distortion` (batch mean) and `adversarial_skipped`
-    (micro-batches whose ascent was not finite, cumulative).
+    (micro-batches whose ascent was not finite, cumulative, summed over processes).
     """
 
     _tag_names = ["trl", "sft", "robust_sft", "anit"]
@@ -264,7 +264,7 @@ class ANITTrainer(NoisyDataMixin, RobustSFTTrainer):
         if not self._adversarial_now():
             result = self._clean_loss(model, inputs, return_outputs, num_items_in_batch)
             self._log_step(result[0] if return_outputs else result, extras, num_items_in_batch)
-            self._log_metric("adversarial_skipped", self.adversarial_skipped)
+            self._log_total("adversarial_skipped", self.adversarial_skipped)
             return result
         with self.perturbed_embeddings(model) as state:
             result = self._clean_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -285,7 +285,7 @@ class ANITTrainer(NoisyDataMixin, RobustSFTTrainer):
         # Fixed-size collectives on every process, whether or not its batch skipped the term.
         value = self.step_share(adversarial.detach(), num_items_in_batch) if adversarial is not None else 0.0
         self._log_ratio("adversarial_loss", value, 0 if adversarial is None else 1)
-        self._log_metric("adversarial_skipped", self.adversarial_skipped)
+        self._log_total("adversarial_skipped", self.adversarial_skipped)
 
     # ----------------------------------------------------------------------------------------------- step
     def _backward_loss(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
