@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from ..data import detect_format, to_example
 from .config import ANITConfig
 from .distortion import EmbeddingDistortion, SentenceEncoder, levenshtein_distortion, minilm_dir
-from .noise import NoiseContext, NoiseOperator, get_operator
+from .noise import NoiseContext, NoiseOperator, apply_noise, get_operator
 
 if TYPE_CHECKING:
     from .trainer import ANITTrainer
@@ -142,10 +142,7 @@ class NoisyDataMixin:
         """(trained instruction, operator name or "" when the instruction is unchanged)."""
         if not instruction or rng.random() >= args.noise_rate:
             return instruction, ""
-        operator = rng.choice(operators)
-        noisy = operator(instruction, args.noise_strength, rng, context)
-        # TODO(noise-merge): log the operator name that noise.py's new helper returns ("" when unchanged).
-        return noisy, operator.name if noisy != instruction else ""
+        return apply_noise(instruction, rng.choice(operators), args.noise_strength, rng, context)
 
     def _distortions(self, raws: list[str], noisies: list[str], processing_class, args) -> list[float]:
         metric = args.distortion_metric
