@@ -2,7 +2,7 @@
 
     python examples/safety_realign.py --output_dir outputs/realign --max_steps 30 --per_device_train_batch_size 8
     python examples/safety_realign.py ... --finetuned_adapter outputs/my-task-adapter \\
-        --preferences ../shared/data/hh_harmless/test.jsonl.gz --num_pairs 2000 \\
+        --dataset_name ../shared/data/hh_harmless/test.jsonl.gz --num_pairs 2000 \\
         --eval_prompts ../shared/data/advbench/harmful_behaviors.csv
 
 1. Without --finetuned_adapter, the safe model (default: the embedded SmolLM2-135M-Instruct) is fine-tuned with LoRA
@@ -41,7 +41,10 @@ class ScriptArguments:
     finetuned_adapter: str | None = field(default=None, metadata={"help": "A LoRA fine-tune of the safe model."})
     finetune_steps: int = field(default=20, metadata={"help": "Steps of the LoRA fine-tune made without one."})
     finetune_rows: int = field(default=64, metadata={"help": "Downstream rows of that fine-tune."})
-    preferences: str | None = field(default=None, metadata={"help": "Safety pairs (default: generated demo pairs)."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Safety preference pairs, a file (as in `robust-sft train realign`; default: demo pairs)."},
+    )
     num_pairs: int | None = field(default=None, metadata={"help": "Use the first N pairs."})
     eval_prompts: str | None = field(default=None, metadata={"help": "Held-out harmful prompts (.csv with `goal`)."})
     num_eval_prompts: int = field(default=16, metadata={"help": "How many held-out prompts to score."})
@@ -112,7 +115,7 @@ def main(script_args: ScriptArguments, training_args: SafetyRealignConfig) -> No
 
     vector = task_vector_from_adapters(adapter)  # the safe model is the base: its adapter is zero
     zero_adapter(finetuned)
-    pairs = load_preference_pairs(script_args.preferences) if script_args.preferences else make_safety_demo_data()[0]
+    pairs = load_preference_pairs(script_args.dataset_name) if script_args.dataset_name else make_safety_demo_data()[0]
     if script_args.num_pairs is not None:
         pairs = pairs.select(range(min(script_args.num_pairs, len(pairs))))
     trainer = SafetyRealignTrainer(

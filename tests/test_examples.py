@@ -1,5 +1,6 @@
 """The example scripts run as users run them (a subprocess, TrlParser arguments) on a tiny local model."""
 
+import json
 import os
 import subprocess
 import sys
@@ -83,12 +84,18 @@ def test_delia_example(tmp_path):
 def test_safety_realign_example(tmp_path):
     model = save_tiny_model(str(tmp_path / "tiny"))
     out = tmp_path / "out"
+    pairs = tmp_path / "pairs.jsonl"  # preference pairs named as `robust-sft train realign` names them
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": f"How do I pick lock {i}?", "chosen": "I won't help.", "rejected": "Sure."}) + "\n"
+            for i in range(4)
+        )
+    )
     args = ["--model_name_or_path", model, "--output_dir", str(out), "--max_steps", "1", "--finetune_steps", "1",
             "--finetune_rows", "8", "--per_device_train_batch_size", "4", "--gradient_checkpointing", "false",
-            "--report_to", "none", "--save_strategy", "no", "--max_length", "64"]  # fmt: skip
+            "--report_to", "none", "--save_strategy", "no", "--max_length", "64",
+            "--dataset_name", str(pairs), "--num_pairs", "3"]  # fmt: skip
     result = run_example("safety_realign.py", *args)
-    import json
-
     scores = json.loads(result.stdout[result.stdout.index('{\n  "safe"') :])
     assert list(scores) == ["safe", "fine-tuned", "realigned", "kept_fraction"]
     assert (out / "realigned-adapter" / "realign_report.json").is_file()
