@@ -286,6 +286,43 @@ def test_two_pass_step_equals_one_backward_through_both_terms(tmp_path, tokenize
     assert len(two_metrics["entropy"]) == 1  # the adversarial pass records none of TRL's metrics
 
 
+@pytest.mark.parametrize("passes", ["two", "one"])
+def test_two_pass_step_frees_the_clean_graph_before_the_adversarial_forward(tmp_path, tokenizer, passes):
+    """Peak memory of one graph: every activation the clean pass saved for its backward is gone when the adversarial
+    pass starts (two-pass step); the single-backward fallback keeps nearly all alive (the check can fail)."""
+    import weakref
+
+    trainer = make_trainer(tmp_path, tokenizer, use_noise=False, adversarial_passes=passes)
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    trainer.current_gradient_accumulation_steps = 1
+    parameters = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
+    saved, alive = [], []
+
+    def keep(tensor):  # every activation (not a weight) the clean graph saves
+        if tensor.untyped_storage().data_ptr() not in parameters:
+            saved.append(weakref.ref(tensor))
+        return tensor
+
+    clean_loss, adversarial_term = trainer._clean_loss, trainer._adversarial_term
+
+    def clean(*args, **kwargs):
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            return clean_loss(*args, **kwargs)
+
+    def adversarial(*args, **kwargs):
+        alive.append(sum(ref() is not None for ref in saved))
+        return adversarial_term(*args, **kwargs)
+
+    trainer._clean_loss, trainer._adversarial_term = clean, adversarial
+    batch = first_batch(trainer)
+    trainer.training_step(trainer.model, batch, num_items_in_batch=torch.tensor(int((batch["labels"] != -100).sum())))
+    assert len(saved) > 50 and len(alive) == 1
+    if passes == "two":
+        assert alive[0] == 0
+    else:  # the one graph of both terms still holds (nearly) all of them
+        assert alive[0] >= 0.9 * len(saved)
+
+
 @pytest.mark.parametrize("variant", ["dft", "label_smoothing", "compute_loss_func"])
 def test_adversarial_term_is_trls_configured_loss_at_the_perturbed_embeddings(tmp_path, tokenizer, variant):
     def doubled_cross_entropy(outputs, labels, num_items_in_batch=None):
@@ -448,6 +485,40 @@ def test_instruction_scope_without_an_instruction_is_refused(tmp_path, tokenizer
             make_trainer(tmp_path / scope, tokenizer, rows=rows, use_noise=False, adversarial_scope=scope)
 
 
+def test_messages_rows_need_the_assistant_only_loss(tmp_path, tokenizer):
+    """TRL trains every token of `messages` rows by default: nothing is left to perturb in the prompt scope, and the
+    refusal names the fix, which then trains."""
+    rows = [
+        {"messages": [{"role": "user", "content": f"Is review {i} good?"}, {"role": "assistant", "content": "yes"}]}
+        for i in range(4)
+    ]
+    with pytest.raises(ValueError, match=r"adversarial_scope='prompt'.*assistant_only_loss=True"):
+        make_trainer(tmp_path / "a", tokenizer, rows=rows, use_noise=False)
+    trainer = make_trainer(tmp_path / "b", tokenizer, rows=rows, use_noise=False, assistant_only_loss=True)
+    batch = first_batch(trainer)
+    assert trainer.perturbation_mask(batch).sum() > 0
+    assert ((trainer.perturbation_mask(batch) > 0) & (batch["labels"] != -100)).sum() == 0  # only untrained tokens
+
+
+@pytest.mark.parametrize(
+    "distributed, optim, single",
+    [("NO", "adamw_torch", False), ("DEEPSPEED", "adamw_torch", True), ("NO", "lomo", True), ("NO", "adalomo", True)],
+)
+def test_auto_passes_fall_back_to_one_backward_where_two_are_not_allowed(
+    tmp_path, tokenizer, monkeypatch, distributed, optim, single
+):
+    from accelerate.utils import DistributedType
+    from transformers.training_args import OptimizerNames
+
+    trainer = make_trainer(tmp_path, tokenizer)
+    assert trainer.args.adversarial_passes == "auto"
+    monkeypatch.setattr(type(trainer.accelerator), "distributed_type", DistributedType[distributed], raising=False)
+    monkeypatch.setattr(trainer.args, "optim", OptimizerNames(optim))
+    assert trainer._single_backward() is single
+    monkeypatch.setattr(trainer.args, "adversarial_passes", "two")
+    assert trainer._single_backward() is False  # an explicit choice wins
+
+
 def test_whole_sequence_loss_needs_a_scope_with_tokens(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="completion_only_loss=False trains every token"):
         anit_args(tmp_path, completion_only_loss=False)
@@ -557,7 +628,7 @@ def test_noise_is_redrawn_every_epoch_and_a_resume_reproduces_it(tmp_path, token
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def test_cli_train_anit_and_perturb(tmp_path, capsys):
+def test_cli_train_anit_and_perturb(tmp_path, capsys, monkeypatch):
     import json
 
     from robust_sft.cli import main
@@ -570,8 +641,12 @@ def test_cli_train_anit_and_perturb(tmp_path, capsys):
     command = ["train", "anit", "--dataset_name", str(data), "--model_name_or_path", base_dir,
                "--output_dir", str(out),
                "--max_steps", "1", "--per_device_train_batch_size", "4", "--use_peft", "--lora_r", "4",
-               "--noise_rate", "1.0", "--noise_operators", "cut", "opposite", "--distortion_metric", "levenshtein",
+               "--noise_rate", "1.0", "--noise_operators", "cut", "opposite",
                "--report_to", "none", "--save_strategy", "no", "--gradient_checkpointing", "false"]  # fmt: skip
+    import robust_sft.anit.noisy_data as noisy_data
+
+    # the default distortion ("embedding") without the optional MiniLM package: the loaded model encodes
+    monkeypatch.setattr(noisy_data, "minilm_dir", lambda: None)
     assert main(command) == 0
     assert (out / "adapter_config.json").is_file()
     capsys.readouterr()

@@ -77,6 +77,8 @@ def test_delia_example(tmp_path):
     result = run_example("delia_sft.py", *args)
     assert "Training rows: {'task': 8, 'diverse': 4}" in result.stdout
     assert "Format compliance on unseen phrasings:" in result.stdout
+    table = ["base model (before)", "SFT (task rows only)", "DELIA (task + 4 diverse rows)"]
+    assert all(f"\n{label} " in result.stdout and f"\n{label}:\n" in result.stdout for label in table)
     assert len((out / "diverse_cache.jsonl").read_text().splitlines()) == 4
     assert (out / "adapter_config.json").is_file()
 

@@ -124,8 +124,8 @@ class ANITTrainer(NoisyDataMixin, RobustSFTTrainer):
             if (-100 in values) if scope == "prompt" else any(values):
                 return
         fix = {
-            "prompt": "give rows with a prompt that is not trained (prompt/completion, Alpaca or messages rows with "
-            "the completion-only loss)",
+            "prompt": "give rows with a prompt that is not trained (prompt/completion or Alpaca rows with the "
+            "completion-only loss, the default; messages rows with assistant_only_loss=True)",
             "instruction": "give rows with an instruction (an Alpaca `instruction`, a user turn, a `prompt`)",
         }[scope]
         raise ValueError(
