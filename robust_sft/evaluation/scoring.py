@@ -163,15 +163,13 @@ def shared_prefix_log_probs(
         prompt_ids[row, width - len(ids) :] = torch.tensor(ids)
         prompt_mask[row, width - len(ids) :] = 1
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    prompt = model(
-        input_ids=prompt_ids.to(device),
-        attention_mask=prompt_mask.to(device),
-        position_ids=positions.to(device),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache = getattr(prompt, "past_key_values", None)
-    if cache is None:  # a model without a KV cache: every option scored on its own, whole
+    inputs = dict(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), use_cache=True)
+    try:
+        prompt = model(**inputs, position_ids=positions.to(device), logits_to_keep=1)
+        cache = getattr(prompt, "past_key_values", None)
+    except TypeError:  # a model that takes no `position_ids` / `logits_to_keep`
+        cache = None
+    if cache is None:  # a model without a KV cache (or the arguments above): every option scored whole, on its own
         rows = [row for group in groups for row in group]
         log_probs, counts = _token_log_probs(model, _pad_batch(rows, pad_token_id))
         return _by_owner(len(groups), owners, log_probs.tolist(), counts.tolist())
