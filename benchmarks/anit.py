@@ -20,7 +20,17 @@ import sys
 import time
 from pathlib import Path
 
-from common import SHARED_DATA, benchmark_parser, load_benchmark_model, machine, training_args, write_report
+from common import (
+    SHARED_DATA,
+    benchmark_parser,
+    load_benchmark_model,
+    machine,
+    mean_and_interval,
+    summary_plot,
+    summary_table,
+    training_args,
+    write_report,
+)
 
 OPERATORS = [
     "char_substitute",
@@ -50,22 +60,6 @@ METRICS = (
     "paraphrase_pdr",
     "train_seconds",
 )
-
-# Two-sided 95% quantiles of Student's t by degrees of freedom (1..30); 1.96 beyond.
-T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
-         2.042]  # fmt: skip
-
-
-def mean_and_interval(values: list[float]) -> dict[str, float | None]:
-    """Mean and the 95% t-interval of the mean (`low`/`high` are None for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return {"mean": mean, "low": None, "high": None, "n": n}
-    deviation = math.sqrt(sum((value - mean) ** 2 for value in values) / (n - 1))
-    half = (T_975[n - 2] if n - 1 <= len(T_975) else 1.96) * deviation / math.sqrt(n)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
 
 
 def build_trainer(name: str, model, tokenizer, rows, steps: int, seed: int, quick: bool):
@@ -144,48 +138,6 @@ def run_seed(seed: int, args) -> dict[str, dict]:
             f"seed {seed} {name}: clean {results[name]['clean_accuracy']:.3f} mean PDR {results[name]['mean_pdr']:.3f}"
         )
     return results
-
-
-def summary_table(summary: dict[str, dict[str, dict]]) -> str:
-    lines = [
-        "| configuration | " + " | ".join(METRICS) + " |",
-        "|---" * (len(METRICS) + 1) + "|",
-    ]
-    for name, metrics in summary.items():
-        cells = []
-        for metric in METRICS:
-            value = metrics[metric]
-            interval = f" [{value['low']:.3f}, {value['high']:.3f}]" if value["low"] is not None else ""
-            cells.append(f"{value['mean']:.3f}{interval}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def summary_plot(summary: dict[str, dict[str, dict]], path, title: str) -> None:
-    """One panel per accuracy metric: each configuration's mean with its 95% interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(summary)
-    metrics = ("clean_accuracy", "perturbed_accuracy", "paraphrase_accuracy", "mean_pdr")
-    figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
-    for axis, metric in zip(axes, metrics):
-        means = [summary[name][metric]["mean"] for name in names]
-        errors = [
-            [mean - (summary[name][metric]["low"] if summary[name][metric]["low"] is not None else mean) for
-             name, mean in zip(names, means)],
-            [(summary[name][metric]["high"] if summary[name][metric]["high"] is not None else mean) - mean for
-             name, mean in zip(names, means)],
-        ]  # fmt: skip
-        axis.bar(range(len(names)), means, yerr=errors, capsize=3)
-        axis.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
-        axis.set_title(metric, fontsize=10)
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 # ---------------------------------------------------------------------------------------------------- step probe
@@ -330,9 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     write_report(args.output_dir, f"anit{suffix}", report)
     partial.unlink(missing_ok=True)
     output_dir = Path(args.output_dir)
-    (output_dir / f"anit{suffix}-summary.md").write_text(summary_table(summary))
-    summary_plot(summary, output_dir / f"anit{suffix}-summary.png", f"ANIT on SST-2, seeds {args.seeds}")
-    print(summary_table(summary))
+    (output_dir / f"anit{suffix}-summary.md").write_text(summary_table(summary, METRICS))
+    plotted = ("clean_accuracy", "perturbed_accuracy", "paraphrase_accuracy", "mean_pdr")
+    summary_plot(summary, plotted, output_dir / f"anit{suffix}-summary.png", f"ANIT on SST-2, seeds {args.seeds}")
+    print(summary_table(summary, METRICS))
     return 0
 
 

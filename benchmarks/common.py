@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import tempfile
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SHARED_DATA = HERE.parent.parent / "shared" / "data"
 RESULTS = HERE / "results"
+STARTED = time.perf_counter()  # a benchmark's wall time counts from its import of this module
 
 
 _SCRATCH: list[tempfile.TemporaryDirectory] = []
@@ -77,9 +81,58 @@ def write_report(output_dir: str | os.PathLike, name: str, report: dict) -> Path
     return path
 
 
-def mean_and_spread(values: list[float]) -> dict[str, float]:
-    """Mean, min and max over seeds (the spread a reader should weigh the mean against)."""
-    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "n": len(values)}
+# Two-sided 95% quantiles of Student's t by degrees of freedom (1..30); 1.96 beyond.
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
+         2.042]  # fmt: skip
+
+
+def mean_and_interval(values: list[float]) -> dict[str, float | None]:
+    """Mean over seeds, the 95% t-interval of the mean (`low`/`high`, None for one value), min and max."""
+    n = len(values)
+    mean = sum(values) / n
+    spread = {"min": min(values), "max": max(values), "n": n}
+    if n < 2:
+        return {"mean": mean, "low": None, "high": None, **spread}
+    deviation = math.sqrt(sum((value - mean) ** 2 for value in values) / (n - 1))
+    half = (T_975[n - 2] if n - 1 <= len(T_975) else 1.96) * deviation / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, **spread}
+
+
+def summary_table(summary: dict[str, dict[str, dict]], metrics: Sequence[str]) -> str:
+    """Markdown: one row per configuration, each metric's mean over seeds with its 95% interval."""
+    lines = ["| configuration | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for name, values in summary.items():
+        cells = []
+        for metric in metrics:
+            value = values[metric]
+            interval = f" [{value['low']:.3f}, {value['high']:.3f}]" if value["low"] is not None else ""
+            cells.append(f"{value['mean']:.3f}{interval}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_plot(summary: dict[str, dict[str, dict]], metrics: Sequence[str], path, title: str) -> None:
+    """One panel per metric: each configuration's mean with its 95% interval as an error bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
+        values = [summary[name][metric] for name in names]
+        means = [value["mean"] for value in values]
+        below = [value["mean"] - value["low"] if value["low"] is not None else 0.0 for value in values]
+        above = [value["high"] - value["mean"] if value["high"] is not None else 0.0 for value in values]
+        axis.bar(range(len(names)), means, yerr=[below, above], capsize=3)
+        axis.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        axis.set_title(metric, fontsize=10)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def benchmark_parser(doc: str):
@@ -106,14 +159,13 @@ def parse_arguments(parser, argv, sizes: dict[str, tuple]):
 
 
 def finish(benchmark: str, args, argv, per_seed: dict, rows: list[str], metrics: tuple, plot: str, **facts) -> dict:
-    """Summarise the seeds (mean and spread per row and metric), write `<benchmark>[-quick].json` and the summary
-    table and plot; return the summary."""
+    """Summarise the seeds (mean, 95% interval, min and max per row and metric), write `<benchmark>[-quick].json`,
+    the summary table `<benchmark>[-quick]-summary.md` and its figure `...-summary.png` (`plot` first, then the other
+    metrics); return the summary."""
     import sys
 
-    from robust_sft.evaluation import write_results
-
     summary = {
-        name: {metric: mean_and_spread([per_seed[seed][name][metric] for seed in args.seeds]) for metric in metrics}
+        name: {metric: mean_and_interval([per_seed[seed][name][metric] for seed in args.seeds]) for metric in metrics}
         for name in rows
     }
     suffix = "-quick" if args.quick else ""
@@ -125,12 +177,15 @@ def finish(benchmark: str, args, argv, per_seed: dict, rows: list[str], metrics:
         "model": "tiny llama (robust_sft.testing)" if args.quick else "SmolLM2-135M-Instruct (embedded)",
         **facts,
         "seeds": args.seeds,
+        "interval": "95% t-interval of the mean over seeds (none for one seed)",
+        "wall_seconds": time.perf_counter() - STARTED,
         "summary": summary,
         "per_seed": per_seed,
     }
     write_report(args.output_dir, f"{benchmark}{suffix}", report)
-    table = {name: {metric: values["mean"] for metric, values in summary[name].items()} for name in rows}
-    write_results(table, args.output_dir, f"{benchmark}{suffix}-summary", metric=plot, title=f"{benchmark}: {plot}")
-    for name, row in table.items():
-        print(f"{name:>24}: " + ", ".join(f"{key} {value:.3f}" for key, value in row.items()))
+    output_dir = Path(args.output_dir)
+    (output_dir / f"{benchmark}{suffix}-summary.md").write_text(summary_table(summary, metrics))
+    plotted = [plot, *(metric for metric in metrics if metric != plot and not metric.endswith("seconds"))]
+    summary_plot(summary, plotted, output_dir / f"{benchmark}{suffix}-summary.png", f"{benchmark}, seeds {args.seeds}")
+    print(summary_table(summary, metrics))
     return summary

@@ -1,7 +1,7 @@
 """DELIA vs plain SFT: a small formatted task with a new `<sep>` token, learnt from 100 examples.
 
     python benchmarks/delia.py                  # embedded SmolLM2-135M-Instruct, 100 task rows, seed 0
-    python benchmarks/delia.py --seeds 0 1 2    # several seeds: mean and spread
+    python benchmarks/delia.py --seeds 0 1 2    # several seeds: mean and 95% CI
     python benchmarks/delia.py --quick          # tiny in-process model, a few rows (the CI smoke run)
 
 The task: read an AG News item and answer `topic | first-word` (topic one of world / sports / business / science,

@@ -1,7 +1,7 @@
 """Safety realignment vs RESTA: align, fine-tune with some harmful rows, then restore safety; refusal and task score.
 
     python benchmarks/realign.py                  # embedded SmolLM2-135M-Instruct, seed 0
-    python benchmarks/realign.py --seeds 0 1      # several seeds: mean and spread
+    python benchmarks/realign.py --seeds 0 1      # several seeds: mean and 95% CI
     python benchmarks/realign.py --quick          # tiny in-process model, a few rows (the CI smoke run)
 
 The embedded model refuses almost nothing, so the run builds the setting of the paper first:

@@ -1,7 +1,7 @@
 """TAIA vs vanilla LoRA: fine-tune on GSM8K (out of domain for the model), compare base / vanilla / TAIA / TAIF.
 
     python benchmarks/taia.py                  # embedded SmolLM2-135M-Instruct, 240 GSM8K rows, 30 steps, seed 0
-    python benchmarks/taia.py --seeds 0 1 2    # several seeds: mean and spread
+    python benchmarks/taia.py --seeds 0 1 2    # several seeds: mean and 95% CI
     python benchmarks/taia.py --quick          # tiny in-process model (the CI smoke run)
 
 One LoRA run (r=16 on every linear layer) per seed; the four rows are the same adapter used four ways: not at all

@@ -69,7 +69,10 @@ def test_taia_quick(tmp_path):
     losses = [seed[name]["gsm8k_answer_loss"] for name in rows]
     assert len(set(losses)) == 4  # four different models
     assert all(0.0 <= seed[name]["piqa_accuracy"] <= 1.0 for name in rows)
-    assert (tmp_path / "taia-quick-summary.md").is_file()
+    assert (tmp_path / "taia-quick-summary.md").read_text().count("\n") == len(rows) + 2
+    assert (tmp_path / "taia-quick-summary.png").is_file() and report["wall_seconds"] > 0
+    piqa = report["summary"]["base"]["piqa_accuracy"]  # one seed: a mean, no interval
+    assert piqa["n"] == 1 and piqa["low"] is None and piqa["mean"] == seed["base"]["piqa_accuracy"]
 
 
 def test_delia_quick(tmp_path):
