@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report = {
         "benchmark": "anit",
-        "command": ("python benchmarks/anit.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip(),
+        "command": ("python benchmarks/anit.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip(),
         "machine": machine(),
         "model": "tiny llama (robust_sft.testing)" if args.quick else "SmolLM2-135M-Instruct (embedded)",
         "train_rows": args.train_rows,

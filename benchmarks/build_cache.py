@@ -25,6 +25,7 @@ Each row reports seconds, queries/s, new tokens and tokens/s; `speedup` is queri
 from __future__ import annotations
 
 import random
+import shlex
 import sys
 import time
 import traceback
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[name]["same_rows"] = rows_by_mode[key] == rows_by_mode["one_by_one"]
     report = {
         "benchmark": "build_cache",
-        "command": "python benchmarks/build_cache.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/build_cache.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),
         "model": "tiny llama (robust_sft.testing)" if args.quick else "SmolLM2-135M-Instruct (embedded)",
         "queries": len(queries),

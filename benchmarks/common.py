@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import tempfile
 import time
 from collections.abc import Sequence
@@ -169,7 +170,7 @@ def finish(benchmark: str, args, argv, per_seed: dict, rows: list[str], metrics:
         for name in rows
     }
     suffix = "-quick" if args.quick else ""
-    command = f"python benchmarks/{benchmark}.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = f"python benchmarks/{benchmark}.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     report = {
         "benchmark": benchmark,
         "command": command.strip(),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -257,7 +258,7 @@ def summarise(results: dict, args) -> dict:
             row["realign_bytes_per_masked_element"] = row["realign_bytes"] / row["masked_elements"]
     return {
         "benchmark": "realign-memory",
-        "command": "python benchmarks/realign_memory.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/realign_memory.py " + shlex.join(sys.argv[1:]),
         "machine": machine(),
         "model": "tiny llama (robust_sft.testing)" if args.quick else "SmolLM2-135M-Instruct (embedded), float32",
         "settings": {

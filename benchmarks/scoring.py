@@ -12,6 +12,7 @@ the already-loaded model (its task set-up time is inside its figure).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     theirs = run_harness(model, "piqa", questions, tokenizer=tokenizer, batch_size=args.batch_size)
     theirs_s = time.perf_counter() - started
     report = {
-        "command": "python benchmarks/scoring.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/scoring.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "items": len(questions),
         "robust_sft": {"seconds": round(ours_s, 2), **{k: ours[k] for k in ("acc", "acc_norm")}},
