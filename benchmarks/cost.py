@@ -238,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="Optimiser steps per configuration.")
     parser.add_argument("--warmup", type=int, default=None, help="Steps left out of the timing.")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--only", default=None, help="Comma-separated configuration names (default: all).")
+    parser.add_argument(
+        "--only", nargs="+", default=None, choices=list(CONFIGURATIONS), help="Configurations to run (default: all)."
+    )
     parser.add_argument("--output-dir", default=str(RESULTS))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-output", default=None, help=argparse.SUPPRESS)
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         run_one(args.child, args.quick, steps, args.batch_size, args.child_output)
         return 0
-    names = args.only.split(",") if args.only else list(CONFIGURATIONS)
+    names = list(args.only or CONFIGURATIONS)
     if names[0] != "SFTTrainer (trl)":
         names.insert(0, "SFTTrainer (trl)")  # the ratios' reference always runs
     output_dir = Path(args.output_dir)
