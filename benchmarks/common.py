@@ -159,16 +159,27 @@ def parse_arguments(parser, argv, sizes: dict[str, tuple]):
     return args
 
 
-def finish(benchmark: str, args, argv, per_seed: dict, rows: list[str], metrics: tuple, plot: str, **facts) -> dict:
-    """Summarise the seeds (mean, 95% interval, min and max per row and metric), write `<benchmark>[-quick].json`,
-    the summary table `<benchmark>[-quick]-summary.md` and its figure `...-summary.png` (`plot` first, then the other
-    metrics); return the summary."""
+def finish(
+    benchmark: str,
+    args,
+    argv,
+    per_seed: dict,
+    rows: list[str],
+    metrics: tuple,
+    plot: str,
+    name: str | None = None,
+    **facts,
+) -> dict:
+    """Summarise the seeds (mean, 95% interval, min and max per row and metric), write `<name>[-quick].json`,
+    the summary table `<name>[-quick]-summary.md` and its figure `...-summary.png` (`plot` first, then the other
+    metrics); return the summary. `name` defaults to `benchmark`, the script's name."""
     import sys
 
     summary = {
-        name: {metric: mean_and_interval([per_seed[seed][name][metric] for seed in args.seeds]) for metric in metrics}
-        for name in rows
+        row: {metric: mean_and_interval([per_seed[seed][row][metric] for seed in args.seeds]) for metric in metrics}
+        for row in rows
     }
+    name = name or benchmark
     suffix = "-quick" if args.quick else ""
     command = f"python benchmarks/{benchmark}.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     report = {
@@ -183,10 +194,10 @@ def finish(benchmark: str, args, argv, per_seed: dict, rows: list[str], metrics:
         "summary": summary,
         "per_seed": per_seed,
     }
-    write_report(args.output_dir, f"{benchmark}{suffix}", report)
+    write_report(args.output_dir, f"{name}{suffix}", report)
     output_dir = Path(args.output_dir)
-    (output_dir / f"{benchmark}{suffix}-summary.md").write_text(summary_table(summary, metrics))
+    (output_dir / f"{name}{suffix}-summary.md").write_text(summary_table(summary, metrics))
     plotted = [plot, *(metric for metric in metrics if metric != plot and not metric.endswith("seconds"))]
-    summary_plot(summary, plotted, output_dir / f"{benchmark}{suffix}-summary.png", f"{benchmark}, seeds {args.seeds}")
+    summary_plot(summary, plotted, output_dir / f"{name}{suffix}-summary.png", f"{name}, seeds {args.seeds}")
     print(summary_table(summary, metrics))
     return summary

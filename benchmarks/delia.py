@@ -96,7 +96,10 @@ def score_answers(answers: list[str], expected: list[str]) -> dict[str, float]:
     }
 
 
-def train(model, tokenizer, task, cache, ratio: float, seed: int, args):
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the reference's LoRA targets (plus the input embedding)
+
+
+def train(model, tokenizer, task, cache, ratio: float, seed: int, args, target_modules=ATTENTION):
     from peft import LoraConfig
 
     from robust_sft.delia import DELIAConfig, DELIATrainer
@@ -121,9 +124,7 @@ def train(model, tokenizer, task, cache, ratio: float, seed: int, args):
         train_dataset=task,
         diverse_dataset=cache if ratio > 0 else None,
         processing_class=tokenizer,
-        peft_config=LoraConfig(
-            r=16, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
-        ),
+        peft_config=LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules=target_modules),
     )
     started = time.perf_counter()
     trainer.train()

@@ -74,6 +74,31 @@ def split_advbench(quick: bool) -> dict[str, list[dict]]:
     return parts
 
 
+def benign_split(rng: random.Random, train_rows: int, eval_rows: int) -> tuple[list, list[str]]:
+    """Self-instruct seed tasks shuffled by `rng`: the first `train_rows` with a reference answer (alignment SFT) and
+    the last `eval_rows` instructions (held-out over-refusal prompts)."""
+    from robust_sft.delia import read_queries
+
+    benign = read_queries(SHARED_DATA / "self_instruct" / "seed_tasks.jsonl")
+    rng.shuffle(benign)
+    return [q for q in benign[:train_rows] if q.reference], [q.text for q in benign[-eval_rows:]]
+
+
+def align(model, tokenizer, advbench: dict, benign_train: list, steps: int, seed: int, rng: random.Random) -> str:
+    """Step 1, unaligned -> aligned: refusal SFT (AdvBench `align` goals answered with REFUSALS, mixed with benign
+    tasks and their reference answers), merged into a plain model saved in a scratch folder; returns the folder."""
+    from datasets import Dataset
+
+    refusals = [chat(row["goal"], rng.choice(REFUSALS)) for row in advbench["align"]]
+    helpful = [chat(q.text, q.reference) for q in benign_train]
+    rows = Dataset.from_list(refusals + helpful).shuffle(seed=seed)
+    trainer = lora_sft(model, tokenizer, rows, steps, seed, "align")
+    aligned_dir = scratch_dir("realign-aligned")
+    trainer.model.merge_and_unload().save_pretrained(aligned_dir)
+    tokenizer.save_pretrained(aligned_dir)
+    return aligned_dir
+
+
 def chat(prompt: str, answer: str) -> dict:
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
 
@@ -105,7 +130,6 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     from peft import PeftModel
 
     from robust_sft import load_model_and_tokenizer
-    from robust_sft.delia import read_queries
     from robust_sft.evaluation import SST2_LABELS, label_accuracy, load_sst2, refusal_rate
     from robust_sft.modeling import ensure_embedded_model
     from robust_sft.realign import (
@@ -122,10 +146,7 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     torch.manual_seed(seed)
     rng = random.Random(seed)
     advbench = split_advbench(args.quick)
-    benign = read_queries(SHARED_DATA / "self_instruct" / "seed_tasks.jsonl")
-    rng.shuffle(benign)
-    benign_train = [q for q in benign[: args.benign_rows] if q.reference]
-    benign_held_out = [q.text for q in benign[-args.benign_eval :]]
+    benign_train, benign_held_out = benign_split(rng, args.benign_rows, args.benign_eval)
     sst2_train = load_sst2(SHARED_DATA / "sst2" / "train.tsv", args.task_rows, seed=seed, min_words=6)
     sst2_eval = load_sst2(SHARED_DATA / "sst2" / "dev.tsv", args.eval_rows, seed=1000 + seed)
     held_out = [row["goal"] for row in advbench["held_out"]]
@@ -148,15 +169,8 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     results = {"unaligned": score(model, tokenizer)}
 
     # 1. Safety alignment: refusal SFT, merged into a plain model (W_aligned).
-    refusals = [chat(row["goal"], rng.choice(REFUSALS)) for row in advbench["align"]]
-    helpful = [chat(q.text, q.reference) for q in benign_train]
     started = time.perf_counter()
-    trainer = lora_sft(
-        model, tokenizer, Dataset.from_list(refusals + helpful).shuffle(seed=seed), args.align_steps, seed, "align"
-    )
-    aligned_dir = scratch_dir("realign-aligned")
-    trainer.model.merge_and_unload().save_pretrained(aligned_dir)
-    tokenizer.save_pretrained(aligned_dir)
+    aligned_dir = align(model, tokenizer, advbench, benign_train, args.align_steps, seed, rng)
     timings["align"] = time.perf_counter() - started
     model, tokenizer = load(aligned_dir)
     results["aligned"] = score(model, tokenizer)

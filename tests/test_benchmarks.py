@@ -75,6 +75,38 @@ def test_taia_quick(tmp_path):
     assert piqa["n"] == 1 and piqa["low"] is None and piqa["mean"] == seed["base"]["piqa_accuracy"]
 
 
+def test_taia_safety_quick(tmp_path):
+    run_benchmark("taia_safety.py", tmp_path)
+    report = json.loads((tmp_path / "taia_safety-quick.json").read_text())
+    rows = ["aligned", "vanilla (all updates)", "TAIA (attention only)", "TAIF (MLP only)"]
+    assert list(report["summary"]) == rows
+    seed = report["per_seed"]["0"]
+    for name in rows:
+        assert set(seed[name]) == {"harmful_refusal", "compliance_loss", "benign_refusal"}, name
+        assert 0.0 <= seed[name]["harmful_refusal"] <= 1.0 and 0.0 <= seed[name]["benign_refusal"] <= 1.0
+    losses = [seed[name]["compliance_loss"] for name in rows]
+    assert len(set(losses)) == 4  # four different models: the aligned start and three exports of one adapter
+    assert set(report["stage_seconds"]) == {"align", "finetune seed 0"}
+    assert report["finetune_rows"] == 12 and report["held_out_goals"] == 4  # the quick AdvBench split
+    assert (tmp_path / "taia_safety-quick-summary.png").is_file()
+
+
+@pytest.mark.parametrize("part", ["anit", "dsft"])
+def test_composition_quick(tmp_path, part):
+    run_benchmark("composition.py", tmp_path, "--part", part)
+    report = json.loads((tmp_path / f"composition-{part}-quick.json").read_text())
+    trained = ["SFT", "ANIT"] if part == "anit" else ["SFT (task only)", "DSFT ratio 1"]
+    rows = [name + suffix for name in trained for suffix in ("", " + TAIA export")]
+    assert list(report["summary"]) == rows and report["part"] == part
+    seed = report["per_seed"]["0"]
+    unbounded = ("typo_pdr", "piqa_gold_nll")
+    bounded = [value for row in seed.values() for key, value in row.items() if key not in unbounded]
+    assert all(0.0 <= value <= 1.0 for value in bounded)
+    for name in trained:  # the export drops the MLP updates: the right options' likelihood is another model's
+        assert seed[name]["piqa_gold_nll"] != seed[name + " + TAIA export"]["piqa_gold_nll"], name
+    assert (tmp_path / f"composition-{part}-quick-summary.md").read_text().count("\n") == len(rows) + 2
+
+
 def test_delia_quick(tmp_path):
     run_benchmark("delia.py", tmp_path)
     report = json.loads((tmp_path / "delia-quick.json").read_text())
