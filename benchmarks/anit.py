@@ -23,10 +23,13 @@ from pathlib import Path
 
 from common import (
     SHARED_DATA,
+    apply_profile,
     benchmark_parser,
     load_benchmark_model,
     machine,
     mean_and_interval,
+    model_description,
+    report_suffix,
     summary_plot,
     summary_table,
     training_args,
@@ -202,7 +205,7 @@ def step_probe(args) -> dict:
         "benchmark": "anit-step-probe",
         "command": "python benchmarks/anit.py --step-probe" + (" --quick" if args.quick else ""),
         "machine": machine(),
-        "model": "tiny llama (robust_sft.testing)" if args.quick else "SmolLM2-135M-Instruct (embedded)",
+        "model": model_description(args.quick),
         "batches": batches,
         "embedding_scale_vocabulary_mean": scale,
         "prompt_token_norm_mean": torch.cat(token_norms).mean().item(),
@@ -234,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "--configurations", nargs="+", default=CONFIGURATIONS, choices=CONFIGURATIONS, help="What to train and score."
     )
     args = parser.parse_args(argv)
+    apply_profile(args)
     args.paraphrase_rows = args.paraphrase_rows or (8 if args.quick else 100)
     args.train_rows = args.train_rows or (16 if args.quick else 256)
     args.eval_rows = args.eval_rows or (8 if args.quick else 500)
@@ -246,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         step_probe(args)
         return 0
     started = time.perf_counter()
-    suffix = "-quick" if args.quick else ""
+    suffix = report_suffix(args.quick)
     partial = Path(args.output_dir) / f".anit{suffix}-seeds.json"  # each finished seed, so a stopped run resumes
     settings = {key: value for key, value in vars(args).items() if key not in ("seeds", "output_dir")}
     saved = json.loads(partial.read_text()) if partial.exists() else {"settings": settings, "seeds": {}}
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "anit",
         "command": ("python benchmarks/anit.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip(),
         "machine": machine(),
-        "model": "tiny llama (robust_sft.testing)" if args.quick else "SmolLM2-135M-Instruct (embedded)",
+        "model": model_description(args.quick),
         "train_rows": args.train_rows,
         "eval_rows": args.eval_rows,
         "steps": args.steps,

@@ -43,18 +43,89 @@ def training_args(name: str, seed: int, **settings) -> dict:
     return common | settings
 
 
-def load_benchmark_model(quick: bool, seed: int):
-    """(model, tokenizer): the tiny in-process llama for --quick, else the embedded SmolLM2-135M-Instruct; seeded."""
+# `--profile`: the model a benchmark trains. "cpu" is the recorded design: the embedded SmolLM2-135M-Instruct in
+# float32. "gpu" runs the same design (rows, steps, scores) on a larger instruct model in bfloat16 on a CUDA device,
+# where one is present; `--model` names another hub id or folder. CI never runs it.
+PROFILES = {
+    "cpu": {"model": None, "dtype": "float32", "device": "cpu"},
+    "gpu": {"model": "Qwen/Qwen2.5-1.5B-Instruct", "dtype": "bfloat16", "device": "cuda"},
+}
+PROFILE = dict(PROFILES["cpu"], name="cpu")  # set by `apply_profile` from the command line
+
+
+def add_profile_arguments(parser) -> None:
+    parser.add_argument(
+        "--profile", choices=list(PROFILES), default="cpu",
+        help="cpu: the embedded SmolLM2-135M-Instruct (the recorded runs); gpu: the same design on "
+        f"{PROFILES['gpu']['model']} in bfloat16 on a CUDA device.",
+    )  # fmt: skip
+    parser.add_argument("--model", default=None, help="A hub id or model folder replacing the profile's model.")
+
+
+def apply_profile(args) -> dict:
+    """Check `--profile` / `--model` before any work and make them the model every loader below uses."""
+    import torch
+
+    if args.profile == "gpu" and getattr(args, "quick", False):
+        raise SystemExit("--quick runs the tiny test model on the CPU: drop --profile gpu, or drop --quick.")
+    if PROFILES[args.profile]["device"] == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            "--profile gpu needs a CUDA device, and torch.cuda.is_available() is False here. Run without --profile "
+            "for the CPU design on the embedded model, or on a machine with a GPU and a CUDA build of torch."
+        )
+    PROFILE.update(PROFILES[args.profile], name=args.profile)
+    if args.model:
+        PROFILE["model"] = args.model
+        # another model's results never overwrite the recorded ones: `-<profile>-<model folder or hub name>`
+        PROFILE["name"] = f"{args.profile}-{Path(args.model.rstrip('/')).name}"
+    return PROFILE
+
+
+def profile_model_source() -> str:
+    """The profile's base model: its hub id or folder, or the embedded model's local folder."""
+    from robust_sft.modeling import ensure_embedded_model
+
+    return PROFILE["model"] or str(ensure_embedded_model())
+
+
+def report_suffix(quick: bool) -> str:
+    """The results files' suffix: `-quick` for a smoke run, `-gpu` for `--profile gpu` (`-<profile>-<model>` with
+    `--model`), none for the recorded runs."""
+    return "-quick" if quick else "" if PROFILE["name"] == "cpu" else f"-{PROFILE['name']}"
+
+
+def model_description(quick: bool) -> str:
+    if quick:
+        return "tiny llama (robust_sft.testing)"
+    if PROFILE["model"] is None:
+        return "SmolLM2-135M-Instruct (embedded)"
+    return f"{PROFILE['model']} ({PROFILE['dtype']}, {PROFILE['device']})"
+
+
+def load_profile_model(source: str | os.PathLike | None = None):
+    """(model, tokenizer) of `source` (default: the profile's model) in the profile's dtype, on its device."""
     import torch
 
     from robust_sft import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(
+        str(source or profile_model_source()), dtype=getattr(torch, PROFILE["dtype"])
+    )
+    return model.to(PROFILE["device"]), tokenizer
+
+
+def load_benchmark_model(quick: bool, seed: int):
+    """(model, tokenizer): the tiny in-process llama for --quick, else the profile's model (the embedded
+    SmolLM2-135M-Instruct by default); seeded."""
+    import torch
+
     from robust_sft.testing import make_tiny_model, make_tiny_tokenizer
 
     torch.manual_seed(seed)
     if quick:
         tokenizer = make_tiny_tokenizer()
         return make_tiny_model("llama", tokenizer, seed=seed), tokenizer
-    return load_model_and_tokenizer()
+    return load_profile_model()
 
 
 def machine() -> dict:
@@ -68,6 +139,7 @@ def machine() -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "profile": PROFILE["name"],
     }
 
 
@@ -144,14 +216,17 @@ def benchmark_parser(doc: str):
     parser.add_argument("--quick", action="store_true", help="A tiny in-process model and a few rows: a smoke run.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--output-dir", default=str(RESULTS))
+    add_profile_arguments(parser)
     return parser
 
 
 def parse_arguments(parser, argv, sizes: dict[str, tuple]):
-    """Parse `argv`; every option of `sizes` left unset takes its (quick, full) default. Sets 2 torch threads."""
+    """Parse `argv`; every option of `sizes` left unset takes its (quick, full) default; check and apply
+    `--profile`. Sets 2 torch threads."""
     import torch
 
     args = parser.parse_args(argv)
+    apply_profile(args)
     for name, (quick, full) in sizes.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
@@ -180,13 +255,13 @@ def finish(
         for row in rows
     }
     name = name or benchmark
-    suffix = "-quick" if args.quick else ""
+    suffix = report_suffix(args.quick)
     command = f"python benchmarks/{benchmark}.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     report = {
         "benchmark": benchmark,
         "command": command.strip(),
         "machine": machine(),
-        "model": "tiny llama (robust_sft.testing)" if args.quick else "SmolLM2-135M-Instruct (embedded)",
+        "model": model_description(args.quick),
         **facts,
         "seeds": args.seeds,
         "interval": "95% t-interval of the mean over seeds (none for one seed)",

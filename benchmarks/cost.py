@@ -17,13 +17,26 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, SHARED_DATA, machine, scratch_dir, write_report
+from common import (
+    PROFILE,
+    RESULTS,
+    SHARED_DATA,
+    add_profile_arguments,
+    apply_profile,
+    load_profile_model,
+    machine,
+    model_description,
+    report_suffix,
+    scratch_dir,
+    write_report,
+)
 
 # name -> (trainer, config overrides)
 CONFIGURATIONS = {
@@ -99,9 +112,7 @@ def run_one(name: str, quick: bool, steps: int, batch_size: int, output: str) ->
         tokenizer = make_tiny_tokenizer()
         model = make_tiny_model("llama", tokenizer)
     else:
-        from robust_sft import load_model_and_tokenizer
-
-        model, tokenizer = load_model_and_tokenizer()
+        model, tokenizer = load_profile_model()
     rows = Dataset.from_list(sst2_rows(steps * batch_size))
     common = dict(
         output_dir=scratch_dir("cost"),  # nothing is saved there (save_strategy="no")
@@ -113,8 +124,8 @@ def run_one(name: str, quick: bool, steps: int, batch_size: int, output: str) ->
         logging_steps=1,
         seed=0,
         max_length=256,
-        bf16=False,
-        use_cpu=not torch.cuda.is_available(),
+        bf16=PROFILE["dtype"] == "bfloat16",  # the profile's precision (float32 on the CPU)
+        use_cpu=PROFILE["device"] == "cpu",
     )
     lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
     if kind == "trl":
@@ -174,9 +185,7 @@ def cache_throughput(quick: bool, output_dir: Path, queries: int = 16, new_token
         model = make_tiny_model("llama", tokenizer)
         queries, new_tokens = 4, 4
     else:
-        from robust_sft import load_model_and_tokenizer
-
-        model, tokenizer = load_model_and_tokenizer()
+        model, tokenizer = load_profile_model()
     rows = sst2_rows(queries)
     items = [Query(row["prompt"][0]["content"], row["completion"][0]["content"]) for row in rows]
     timings = {}
@@ -244,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default=str(RESULTS))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-output", default=None, help=argparse.SUPPRESS)
+    add_profile_arguments(parser)
     args = parser.parse_args(argv)
+    apply_profile(args)
     steps = args.steps or (3 if args.quick else 8)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     if args.child:
@@ -262,25 +273,38 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick:  # a smoke run: in-process (its memory column is then cumulative, not per trainer)
             run_one(name, True, steps, args.batch_size, str(child_output))
         else:
-            command = [sys.executable, __file__, "--child", name, "--child-output", str(child_output),
-                       "--steps", str(steps), "--batch-size", str(args.batch_size)]  # fmt: skip
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--child-output",
+                str(child_output),
+                "--steps",
+                str(steps),
+                "--batch-size",
+                str(args.batch_size),
+                "--profile",
+                args.profile,
+            ]
+            command += ["--model", args.model] if args.model else []  # fmt: skip
             # glibc returns freed large buffers to the OS at once, so the resident size follows live tensors
             # (by default it keeps freed heap memory, and the peak then says more about the allocator than the step).
             subprocess.run(command, check=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
         results.append(json.loads(child_output.read_text()))
         child_output.unlink()
     rows = summarise(results, warmup)
-    suffix = "-quick" if args.quick else ""
+    suffix = report_suffix(args.quick)
     print("== build_cache throughput", flush=True)
     throughput = cache_throughput(args.quick, output_dir)
     report = {
         "benchmark": "cost",
-        "command": "python benchmarks/cost.py" + (" --quick" if args.quick else ""),
+        "command": ("python benchmarks/cost.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip(),
         "machine": machine(),
         "steps": steps,
         "warmup": warmup,
         "batch_size": args.batch_size,
-        "model": "tiny llama (robust_sft.testing)" if args.quick else "SmolLM2-135M-Instruct (embedded)",
+        "model": model_description(args.quick),
         "rows": rows,
         "build_cache": throughput,
         "raw": results,

@@ -28,7 +28,16 @@ import random
 import sys
 import time
 
-from common import SHARED_DATA, benchmark_parser, finish, parse_arguments, scratch_dir, training_args
+from common import (
+    SHARED_DATA,
+    benchmark_parser,
+    finish,
+    load_profile_model,
+    parse_arguments,
+    profile_model_source,
+    scratch_dir,
+    training_args,
+)
 
 ROWS = ["unaligned", "aligned", "fine-tuned", "RESTA", "realigned (mask)"]
 REFUSALS = [  # written for this benchmark: varied, so refusing is learnt as a behaviour, not one string
@@ -129,9 +138,7 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     from datasets import Dataset, concatenate_datasets
     from peft import PeftModel
 
-    from robust_sft import load_model_and_tokenizer
     from robust_sft.evaluation import SST2_LABELS, label_accuracy, load_sst2, refusal_rate
-    from robust_sft.modeling import ensure_embedded_model
     from robust_sft.realign import (
         SafetyRealignConfig,
         SafetyRealignTrainer,
@@ -151,11 +158,10 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     sst2_eval = load_sst2(SHARED_DATA / "sst2" / "dev.tsv", args.eval_rows, seed=1000 + seed)
     held_out = [row["goal"] for row in advbench["held_out"]]
 
-    unaligned_dir = save_tiny_model(scratch_dir("realign-tiny"), seed=seed) if args.quick else ensure_embedded_model()
+    unaligned_dir = save_tiny_model(scratch_dir("realign-tiny"), seed=seed) if args.quick else profile_model_source()
 
     def load(path=unaligned_dir):
-        model, tokenizer = load_model_and_tokenizer(str(path), dtype=torch.float32)
-        return model, tokenizer
+        return load_profile_model(path)  # float32 on the CPU; the --profile's dtype and device otherwise
 
     def score(model, tokenizer) -> dict[str, float]:
         return {

@@ -16,7 +16,17 @@ import shlex
 import sys
 import time
 
-from common import RESULTS, SHARED_DATA, load_benchmark_model, machine, write_report
+from common import (
+    RESULTS,
+    SHARED_DATA,
+    add_profile_arguments,
+    apply_profile,
+    load_benchmark_model,
+    machine,
+    model_description,
+    report_suffix,
+    write_report,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -25,7 +35,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--output-dir", default=str(RESULTS))
+    add_profile_arguments(parser)
     args = parser.parse_args(argv)
+    apply_profile(args)
 
     import torch
 
@@ -45,12 +57,13 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "command": "python benchmarks/scoring.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
+        "model": model_description(args.quick),
         "items": len(questions),
         "robust_sft": {"seconds": round(ours_s, 2), **{k: ours[k] for k in ("acc", "acc_norm")}},
         "lm_eval": {"seconds": round(theirs_s, 2), **{k: theirs[k] for k in ("acc", "acc_norm")}},
         "time_ratio_robust_sft_over_lm_eval": round(ours_s / theirs_s, 3),
     }
-    write_report(args.output_dir, "scoring-quick" if args.quick else "scoring", report)
+    write_report(args.output_dir, f"scoring{report_suffix(args.quick)}", report)
     print(report)
     return report
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 
-from common import SHARED_DATA, benchmark_parser, finish, load_benchmark_model, training_args
+from common import SHARED_DATA, apply_profile, benchmark_parser, finish, load_benchmark_model, training_args
 
 ROWS = ["base", "vanilla (all updates)", "TAIA (attention only)", "TAIF (MLP only)"]
 METRICS = ("gsm8k_answer_loss", "piqa_accuracy")
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-rows", type=int, default=None, help="Held-out GSM8K test rows.")
     parser.add_argument("--piqa-questions", type=int, default=None)
     args = parser.parse_args(argv)
+    apply_profile(args)
     args.train_rows = args.train_rows or (8 if args.quick else 240)
     args.steps = args.steps or (2 if args.quick else 30)
     args.eval_rows = args.eval_rows or (4 if args.quick else 100)

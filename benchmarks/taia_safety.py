@@ -24,7 +24,15 @@ import random
 import sys
 import time
 
-from common import benchmark_parser, finish, parse_arguments, scratch_dir, training_args
+from common import (
+    benchmark_parser,
+    finish,
+    load_profile_model,
+    parse_arguments,
+    profile_model_source,
+    scratch_dir,
+    training_args,
+)
 from realign import align, benign_split, chat, split_advbench
 
 ROWS = ["aligned", "vanilla (all updates)", "TAIA (attention only)", "TAIF (MLP only)"]
@@ -32,11 +40,7 @@ METRICS = ("harmful_refusal", "compliance_loss", "benign_refusal")
 
 
 def load(path):
-    import torch
-
-    from robust_sft import load_model_and_tokenizer
-
-    return load_model_and_tokenizer(str(path), dtype=torch.float32)
+    return load_profile_model(path)  # float32 on the CPU; the --profile's dtype and device otherwise
 
 
 def scorer(advbench: dict, benign_held_out: list[str]):
@@ -91,7 +95,6 @@ def harmful_finetune(aligned_dir: str, advbench: dict, seed: int, args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from robust_sft.modeling import ensure_embedded_model
     from robust_sft.testing import save_tiny_model
 
     parser = benchmark_parser(__doc__)
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.align_seed)
     benign_train, benign_held_out = benign_split(rng, args.benign_rows, args.benign_eval)
     score = scorer(advbench, benign_held_out)
-    unaligned_dir = save_tiny_model(scratch_dir("taia-safety-tiny")) if args.quick else ensure_embedded_model()
+    unaligned_dir = save_tiny_model(scratch_dir("taia-safety-tiny")) if args.quick else profile_model_source()
 
     started = time.perf_counter()
     model, tokenizer = load(unaligned_dir)

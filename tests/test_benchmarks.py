@@ -162,3 +162,47 @@ def test_scoring_quick(tmp_path):
     for key in ("acc", "acc_norm"):  # the same work: both scorers agree on every item's verdict
         assert report["robust_sft"][key] == pytest.approx(report["lm_eval"][key])
     assert report["time_ratio_robust_sft_over_lm_eval"] > 0
+
+
+PROFILED = ["anit.py", "taia.py", "taia_safety.py", "delia.py", "realign.py", "composition.py", "cost.py"]
+PROFILED += ["scoring.py"]
+
+
+@pytest.mark.parametrize("script", PROFILED)
+def test_gpu_profile_refused_without_cuda(script):
+    """Every side-by-side benchmark takes --profile gpu and, with no CUDA device, refuses it before any work."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the gpu profile would run")
+    command = [sys.executable, os.path.join(BENCHMARKS, script), "--profile", "gpu"]
+    command += ["--part", "anit"] if script == "composition.py" else []
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "--profile gpu needs a CUDA device" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr  # a clear message, not a crash
+
+
+def test_profile_names_and_model_override():
+    import argparse
+
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        import common
+    finally:
+        sys.path.remove(BENCHMARKS)
+    parser = argparse.ArgumentParser()
+    common.add_profile_arguments(parser)
+    parser.add_argument("--quick", action="store_true")
+    try:
+        common.apply_profile(parser.parse_args([]))
+        assert common.report_suffix(False) == "" and common.report_suffix(True) == "-quick"
+        assert common.model_description(False) == "SmolLM2-135M-Instruct (embedded)"
+        # another model never writes over the recorded results
+        common.apply_profile(parser.parse_args(["--model", "some/folder/Llama-3.2-1B-Instruct/"]))
+        assert common.report_suffix(False) == "-cpu-Llama-3.2-1B-Instruct"
+        assert common.model_description(False) == "some/folder/Llama-3.2-1B-Instruct/ (float32, cpu)"
+        with pytest.raises(SystemExit, match="drop --profile gpu"):
+            common.apply_profile(parser.parse_args(["--profile", "gpu", "--quick"]))
+    finally:
+        common.apply_profile(parser.parse_args([]))
