@@ -1,13 +1,17 @@
-"""TAIA vs vanilla LoRA: fine-tune on GSM8K (out of domain for the model), compare base / vanilla / TAIA / TAIF.
+"""TAIA vs vanilla LoRA: fine-tune on GSM8K (out of domain for the model), compare base / vanilla / TAIA / TAIF / TOA.
 
-    python benchmarks/taia.py                  # embedded SmolLM2-135M-Instruct, 240 GSM8K rows, 30 steps, seed 0
-    python benchmarks/taia.py --seeds 0 1 2    # several seeds: mean and 95% CI
-    python benchmarks/taia.py --quick          # tiny in-process model (the CI smoke run)
+    python benchmarks/taia.py --seeds 0 1 2                   # embedded SmolLM2-135M-Instruct, full PIQA (1838)
+    python benchmarks/taia.py --seeds 0 --lr 3e-3 --steps 120 --piqa-questions 400 --no-toa   # a strength probe
+    python benchmarks/taia.py --quick                          # tiny in-process model (the CI smoke run)
 
-One LoRA run (r=16 on every linear layer) per seed; the four rows are the same adapter used four ways: not at all
-(base), fully merged (vanilla), attention updates only (TAIA), MLP updates only (TAIF). Scores: held-out GSM8K answer
-loss (the fine-tuned domain) and PIQA accuracy (knowledge the model had; length-normalised log-likelihood).
-Writes `results/taia[-quick].json`, `.md` and `.png`.
+Per seed, one LoRA run (rank `--rank` on every linear layer) scored four ways: not at all (base), fully merged
+(vanilla), attention updates only (TAIA), MLP updates only (TAIF); and one run that trains the attention layers
+only (TOA, `train_modules="attention"`), the paper's other ablation. Scores: held-out GSM8K answer loss (the
+fine-tuned domain) and PIQA `acc` / `acc_norm` as lm-evaluation-harness defines them (`Question: ...\\nAnswer:`,
+summed log-likelihood of the continuation; `acc_norm` divided by its length in characters), with lm-eval's standard
+error per run. PIQA is what the base model knew: TAIA's claim is that it survives the out-of-domain fine-tune.
+`--lr`, `--steps`, `--rank` and `--train-rows` set the fine-tune's strength (the knowledge loss has to be measurable
+before TAIA can be seen to prevent it). Writes `results/taia[-quick].json`, `.md` and `.png`.
 """
 
 from __future__ import annotations
@@ -17,74 +21,98 @@ import time
 
 from common import SHARED_DATA, apply_profile, benchmark_parser, finish, load_benchmark_model, training_args
 
-ROWS = ["base", "vanilla (all updates)", "TAIA (attention only)", "TAIF (MLP only)"]
-METRICS = ("gsm8k_answer_loss", "piqa_accuracy")
+ROWS = ["base", "vanilla (all updates)", "TAIA (attention only)", "TAIF (MLP only)", "TOA (attention trained)"]
+METRICS = ("piqa_acc_norm", "piqa_acc", "piqa_acc_norm_stderr", "gsm8k_answer_loss", "train_seconds")
 
 
-def run_seed(seed: int, args) -> dict[str, dict]:
+def train(seed: int, args, train_modules: str):
     from peft import LoraConfig
 
-    from robust_sft.evaluation import answer_loss, load_gsm8k, load_piqa, multiple_choice_accuracy
     from robust_sft.taia import TAIAConfig, TAIATrainer
 
     model, tokenizer = load_benchmark_model(args.quick, seed)
-    train = load_gsm8k(SHARED_DATA / "gsm8k" / "train.jsonl").shuffle(seed=seed).select(range(args.train_rows))
-    held_out = load_gsm8k(SHARED_DATA / "gsm8k" / "test.jsonl", args.eval_rows)
-    piqa = load_piqa(SHARED_DATA / "piqa", args.piqa_questions)
-
-    def score(current) -> dict[str, float]:
-        return {
-            "gsm8k_answer_loss": answer_loss(current, tokenizer, held_out, batch_size=8, max_length=512),
-            "piqa_accuracy": multiple_choice_accuracy(current, tokenizer, piqa, length_normalized=True),
-        }
-
-    results = {"base": score(model)}
+    rows = args.gsm8k_train.shuffle(seed=seed).select(range(args.train_rows))
     trainer = TAIATrainer(
         model=model,
         args=TAIAConfig(
             **training_args(
-                "taia", seed, max_steps=args.steps, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.03
-            ),
+                "taia",
+                seed,
+                max_steps=args.steps,
+                learning_rate=args.lr,
+                lr_scheduler_type="cosine",
+                warmup_steps=0.03,
+            ),  # fmt: skip
             max_length=512,
+            train_modules=train_modules,
         ),
-        train_dataset=train,
+        train_dataset=rows,
         processing_class=tokenizer,
-        peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05),
+        peft_config=LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05),
     )
     started = time.perf_counter()
     trainer.train()
-    train_seconds = time.perf_counter() - started
-    results["vanilla (all updates)"] = score(trainer.model)
+    return trainer, tokenizer, time.perf_counter() - started
+
+
+def run_seed(seed: int, args, piqa, held_out) -> dict[str, dict]:
+    from robust_sft.evaluation import answer_loss
+    from robust_sft.evaluation.harness import multiple_choice_metrics, multiple_choice_scores
+
+    def score(model, tokenizer, seconds: float) -> dict[str, float]:
+        piqa_metrics = multiple_choice_metrics(multiple_choice_scores(model, tokenizer, piqa, desc="PIQA"))
+        return {
+            "piqa_acc_norm": piqa_metrics["acc_norm"],
+            "piqa_acc": piqa_metrics["acc"],
+            "piqa_acc_norm_stderr": piqa_metrics["acc_norm_stderr"],
+            "gsm8k_answer_loss": answer_loss(model, tokenizer, held_out, batch_size=8, max_length=512),
+            "train_seconds": seconds,
+        }
+
+    model, tokenizer = load_benchmark_model(args.quick, seed)
+    results = {"base": score(model, tokenizer, 0.0)}
+    trainer, tokenizer, seconds = train(seed, args, "all")
+    results["vanilla (all updates)"] = score(trainer.model, tokenizer, seconds)
     for keep, name in (("attention", "TAIA (attention only)"), ("mlp", "TAIF (MLP only)")):
         with trainer.taia_view(keep):
-            results[name] = score(trainer.model)
+            results[name] = score(trainer.model, tokenizer, seconds)
+    if args.toa:
+        trainer, tokenizer, seconds = train(seed, args, "attention")
+        results["TOA (attention trained)"] = score(trainer.model, tokenizer, seconds)
     for name, row in results.items():
-        row["train_seconds"] = 0.0 if name == "base" else train_seconds
-        print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
+        print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
+    from robust_sft.evaluation import load_gsm8k, load_piqa
+
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--train-rows", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--train-rows", type=int, default=None, help="GSM8K training rows (shuffled per seed).")
+    parser.add_argument("--steps", type=int, default=None, help="Optimiser steps (batch 8).")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Peak learning rate (cosine schedule).")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank).")
     parser.add_argument("--eval-rows", type=int, default=None, help="Held-out GSM8K test rows.")
-    parser.add_argument("--piqa-questions", type=int, default=None)
+    parser.add_argument("--piqa-questions", type=int, default=None, help="PIQA validation questions (all: 1838).")
+    parser.add_argument("--no-toa", dest="toa", action="store_false", help="Skip the TOA run (a strength probe).")
     args = parser.parse_args(argv)
     apply_profile(args)
     args.train_rows = args.train_rows or (8 if args.quick else 240)
     args.steps = args.steps or (2 if args.quick else 30)
     args.eval_rows = args.eval_rows or (4 if args.quick else 100)
-    args.piqa_questions = args.piqa_questions or (4 if args.quick else 300)
+    args.piqa_questions = args.piqa_questions or (4 if args.quick else None)  # None: the whole validation set
 
     import torch
 
     torch.set_num_threads(2)
-    per_seed = {seed: run_seed(seed, args) for seed in args.seeds}
-    facts = dict(
-        train_rows=args.train_rows, steps=args.steps, eval_rows=args.eval_rows, piqa_questions=args.piqa_questions
-    )
-    finish("taia", args, argv, per_seed, ROWS, (*METRICS, "train_seconds"), "piqa_accuracy", **facts)
+    args.gsm8k_train = load_gsm8k(SHARED_DATA / "gsm8k" / "train.jsonl")
+    piqa = load_piqa(SHARED_DATA / "piqa", args.piqa_questions)
+    held_out = load_gsm8k(SHARED_DATA / "gsm8k" / "test.jsonl", args.eval_rows)
+    per_seed = {seed: run_seed(seed, args, piqa, held_out) for seed in args.seeds}
+    rows = ROWS if args.toa else ROWS[:-1]
+    facts = dict(train_rows=args.train_rows, steps=args.steps, lr=args.lr, rank=args.rank, eval_rows=args.eval_rows)
+    facts["piqa_questions"] = len(piqa)
+    finish("taia", args, argv, per_seed, rows, METRICS, "piqa_acc_norm", **facts)
     return 0
 
 

@@ -63,16 +63,18 @@ def test_anit_quick(tmp_path):
 def test_taia_quick(tmp_path):
     run_benchmark("taia.py", tmp_path)
     report = json.loads((tmp_path / "taia-quick.json").read_text())
-    rows = ["base", "vanilla (all updates)", "TAIA (attention only)", "TAIF (MLP only)"]
-    assert list(report["summary"]) == rows
+    rows = ["base", "vanilla (all updates)", "TAIA (attention only)", "TAIF (MLP only)", "TOA (attention trained)"]
+    assert list(report["summary"]) == rows and report["piqa_questions"] == 4
     seed = report["per_seed"]["0"]
     losses = [seed[name]["gsm8k_answer_loss"] for name in rows]
-    assert len(set(losses)) == 4  # four different models
-    assert all(0.0 <= seed[name]["piqa_accuracy"] <= 1.0 for name in rows)
+    assert len(set(losses)) == 5  # five different models
+    for name in rows:
+        assert all(0.0 <= seed[name][key] <= 1.0 for key in ("piqa_acc", "piqa_acc_norm")), name
+        assert seed[name]["piqa_acc_norm_stderr"] >= 0.0  # lm-eval's standard error of the mean
     assert (tmp_path / "taia-quick-summary.md").read_text().count("\n") == len(rows) + 2
     assert (tmp_path / "taia-quick-summary.png").is_file() and report["wall_seconds"] > 0
-    piqa = report["summary"]["base"]["piqa_accuracy"]  # one seed: a mean, no interval
-    assert piqa["n"] == 1 and piqa["low"] is None and piqa["mean"] == seed["base"]["piqa_accuracy"]
+    piqa = report["summary"]["base"]["piqa_acc_norm"]  # one seed: a mean, no interval
+    assert piqa["n"] == 1 and piqa["low"] is None and piqa["mean"] == seed["base"]["piqa_acc_norm"]
 
 
 def test_taia_safety_quick(tmp_path):
