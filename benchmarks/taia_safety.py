@@ -21,6 +21,7 @@ Writes `results/taia_safety[-quick].json`, `.md` and `.png`.
 from __future__ import annotations
 
 import random
+import shutil
 import sys
 import time
 
@@ -94,6 +95,29 @@ def harmful_finetune(aligned_dir: str, advbench: dict, seed: int, args):
     return trainer, tokenizer
 
 
+def aligned_model(args, unaligned_dir: str, advbench: dict, benign_train: list, rng: random.Random) -> str:
+    """The aligned model's folder: built by `realign.align`, or reused from `--aligned-dir` when that folder holds
+    one aligned with the same settings (so a sweep of fine-tune strengths aligns once)."""
+    import json
+    from pathlib import Path
+
+    settings = {name: getattr(args, name) for name in ("align_steps", "align_seed", "benign_rows", "quick")}
+    settings["model"] = str(unaligned_dir) if not args.quick else "tiny"
+    record = Path(args.aligned_dir, "alignment.json") if args.aligned_dir else None
+    if record is not None and record.is_file():
+        if json.loads(record.read_text()) != settings:
+            raise SystemExit(f"{record.parent} holds a model aligned with other settings ({record.read_text()}).")
+        print(f"reusing the aligned model in {record.parent}", flush=True)
+        return str(record.parent)
+    model, tokenizer = load(unaligned_dir)
+    aligned_dir = align(model, tokenizer, advbench, benign_train, args.align_steps, args.align_seed, rng)
+    if record is None:
+        return aligned_dir
+    shutil.copytree(aligned_dir, record.parent, dirs_exist_ok=True)
+    record.write_text(json.dumps(settings))  # written last: a folder without it is never reused
+    return str(record.parent)
+
+
 def main(argv: list[str] | None = None) -> int:
     from robust_sft.testing import save_tiny_model
 
@@ -103,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-steps", type=int, default=None, help="Steps of the harmful fine-tune.")
     parser.add_argument("--benign-rows", type=int, default=None, help="Self-instruct tasks in the alignment SFT.")
     parser.add_argument("--benign-eval", type=int, default=None, help="Held-out self-instruct tasks (over-refusal).")
+    parser.add_argument(
+        "--aligned-dir", default=None, help="Keep the aligned model here; a run with the same settings reuses it."
+    )
     sizes = dict(align_steps=(2, 60), finetune_steps=(2, 40), benign_rows=(8, 120), benign_eval=(4, 40))
     args = parse_arguments(parser, argv, sizes)
 
@@ -113,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     unaligned_dir = save_tiny_model(scratch_dir("taia-safety-tiny")) if args.quick else profile_model_source()
 
     started = time.perf_counter()
-    model, tokenizer = load(unaligned_dir)
-    aligned_dir = align(model, tokenizer, advbench, benign_train, args.align_steps, args.align_seed, rng)
+    aligned_dir = aligned_model(args, unaligned_dir, advbench, benign_train, rng)
     stage_seconds = {"align": time.perf_counter() - started}
     aligned = score(*load(aligned_dir))
     print("aligned: " + ", ".join(f"{k} {v:.3f}" for k, v in aligned.items()), flush=True)

@@ -93,6 +93,23 @@ def test_taia_safety_quick(tmp_path):
     assert (tmp_path / "taia_safety-quick-summary.png").is_file()
 
 
+def test_taia_safety_reuses_its_aligned_model(tmp_path):
+    aligned = tmp_path / "aligned"
+    run_benchmark("taia_safety.py", tmp_path, "--aligned-dir", str(aligned))
+    first = json.loads((tmp_path / "taia_safety-quick.json").read_text())
+    assert json.loads((aligned / "alignment.json").read_text())["align_steps"] == 2
+    result = run_benchmark("taia_safety.py", tmp_path, "--aligned-dir", str(aligned))
+    assert "reusing the aligned model" in result.stdout
+    again = json.loads((tmp_path / "taia_safety-quick.json").read_text())
+    assert again["per_seed"]["0"]["aligned"] == first["per_seed"]["0"]["aligned"]  # the same model, scored again
+    result = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, "taia_safety.py"), "--quick", "--output-dir", str(tmp_path),
+         "--aligned-dir", str(aligned), "--align-steps", "3"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode != 0 and "aligned with other settings" in result.stderr
+
+
 @pytest.mark.parametrize("part", ["anit", "dsft"])
 def test_composition_quick(tmp_path, part):
     run_benchmark("composition.py", tmp_path, "--part", part)
