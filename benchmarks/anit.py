@@ -25,11 +25,13 @@ from common import (
     SHARED_DATA,
     apply_profile,
     benchmark_parser,
+    forget_resumed_seeds,
     load_benchmark_model,
     machine,
     mean_and_interval,
     model_description,
     report_suffix,
+    resumable_seeds,
     summary_plot,
     summary_table,
     training_args,
@@ -251,17 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.perf_counter()
     suffix = report_suffix(args.quick)
-    partial = Path(args.output_dir) / f".anit{suffix}-seeds.json"  # each finished seed, so a stopped run resumes
     settings = {key: value for key, value in vars(args).items() if key not in ("seeds", "output_dir")}
-    saved = json.loads(partial.read_text()) if partial.exists() else {"settings": settings, "seeds": {}}
-    if saved["settings"] != settings:
-        raise SystemExit(f"{partial} holds seeds of other settings ({saved['settings']}); delete it to start over.")
-    per_seed = saved["seeds"]
-    for seed in args.seeds:
-        if str(seed) not in per_seed:
-            per_seed[str(seed)] = run_seed(seed, args)
-            write_report(partial.parent, partial.stem, {"settings": settings, "seeds": per_seed})
-    per_seed = {seed: per_seed[str(seed)] for seed in args.seeds}
+    per_seed = resumable_seeds(f"anit{suffix}", args, settings, lambda seed: run_seed(seed, args))
     summary = {
         name: {metric: mean_and_interval([per_seed[seed][name][metric] for seed in args.seeds]) for metric in METRICS}
         for name in args.configurations
@@ -285,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "per_seed": per_seed,
     }
     write_report(args.output_dir, f"anit{suffix}", report)
-    partial.unlink(missing_ok=True)
+    forget_resumed_seeds(f"anit{suffix}", args)
     output_dir = Path(args.output_dir)
     (output_dir / f"anit{suffix}-summary.md").write_text(summary_table(summary, METRICS))
     plotted = ("clean_accuracy", "perturbed_accuracy", "paraphrase_accuracy", "mean_pdr")

@@ -154,6 +154,27 @@ def write_report(output_dir: str | os.PathLike, name: str, report: dict) -> Path
     return path
 
 
+def resumable_seeds(name: str, args, settings: dict, run_seed) -> dict:
+    """`{seed: run_seed(seed)}` for every seed of `args.seeds`; each finished seed is kept in a hidden file of the
+    output folder, so a stopped run resumes at the next seed. Refused when that file holds another design's seeds.
+    The caller removes the file with `forget_resumed_seeds` once its report is written."""
+    partial = Path(args.output_dir) / f".{name}-seeds.json"
+    saved = json.loads(partial.read_text()) if partial.exists() else {"settings": settings, "seeds": {}}
+    if saved["settings"] != settings:
+        raise SystemExit(f"{partial} holds seeds of other settings ({saved['settings']}); delete it to start over.")
+    done = saved["seeds"]
+    for seed in args.seeds:
+        if str(seed) not in done:
+            done[str(seed)] = run_seed(seed)
+            write_report(partial.parent, partial.stem, {"settings": settings, "seeds": done})
+    return {seed: done[str(seed)] for seed in args.seeds}
+
+
+def forget_resumed_seeds(name: str, args) -> None:
+    """Remove the per-seed file of `resumable_seeds` once the run's report is written."""
+    (Path(args.output_dir) / f".{name}-seeds.json").unlink(missing_ok=True)
+
+
 # Two-sided 95% quantiles of Student's t by degrees of freedom (1..30); 1.96 beyond.
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,

@@ -104,7 +104,7 @@ def dsft_seed(seed: int, args, piqa) -> dict[str, dict]:
     held_out = articles.select(range(args.task_rows, len(articles)))
     unseen = [task_rows(held_out, [phrasing], seed) for phrasing in UNSEEN_PHRASINGS]
     queries = read_queries(SHARED_DATA / "self_instruct" / "seed_tasks.jsonl")
-    random.Random(seed).shuffle(queries)  # the same cache / leak split as delia.py
+    random.Random(seed).shuffle(queries)  # per-seed split, as in delia.py's first recorded run
     cache_queries, leak_queries = queries[: args.cache_queries], queries[-args.leak_queries :]
 
     model, tokenizer = load_benchmark_model(args.quick, seed)

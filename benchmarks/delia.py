@@ -1,22 +1,26 @@
-"""DELIA vs plain SFT: a small formatted task with a new `<sep>` token, learnt from 100 examples.
+"""DELIA vs plain SFT: a small formatted task with a new `<sep>` token, and a sweep of the diverse-data ratio.
 
-    python benchmarks/delia.py                  # embedded SmolLM2-135M-Instruct, 100 task rows, seed 0
-    python benchmarks/delia.py --seeds 0 1 2    # several seeds: mean and 95% CI
+    python benchmarks/delia.py --seeds 0 1 2 --cache-dir outputs/delia-cache   # the design of the evidence issue
+    python benchmarks/delia.py --task-rows 100 --ratios 0.5 1 --samples-per-query 1   # the earlier recorded run
     python benchmarks/delia.py --quick          # tiny in-process model, a few rows (the CI smoke run)
 
 The task: read an AG News item and answer `topic | first-word` (topic one of world / sports / business / science,
 first-word the item's first word in lower case). Every prompt is `instruction <sep> news item`, where `<sep>` is a
 token new to the model (added with `new_special_tokens`, its input row trained through LoRA on the embedding). The
-training rows use two phrasings of the instruction; the scores use four phrasings never seen in training, on
-held-out items. (`<sep>` is on the input side, as in the recorded run, made when LoRA could train a new token's
-input row only; `new_token_training="trainable_tokens"` now trains its output row too, see the DELIA docs.)
+training rows (30 by default: DELIA's setting is a small task set) use two phrasings of the instruction; the scores
+use four phrasings never seen in training, on held-out items. (`<sep>` is on the input side, as in the first
+recorded run, made when LoRA could train a new token's input row only; `new_token_training="trainable_tokens"` now
+trains its output row too, see the DELIA docs.)
 
-The diverse data is self-sampled: the base model answers self-instruct seed tasks with `build_cache` (the paper's
-one-shot prompt, temperature 0.7; answers cut off by `--cache-tokens` are flagged and not trained on). Every row
-trains LoRA (r=16, alpha 16 on attention + the input embedding: the reference's targets,
+The diverse data is self-sampled once, for every seed (`--cache-seed`): the base model answers self-instruct seed
+tasks (150; 25 others are held out for the leak measure) and the package's own 80 broad queries with `build_cache`
+(the paper's one-shot prompt, temperature 0.7; answers cut off by `--cache-tokens` are flagged and not trained on),
+`--samples-per-query` times each (3: up to 690 rows), so the sweep reaches `diverse_ratio` 20 (600 rows for 30 task
+rows); a sweep the cache cannot hold is refused before any work. `--cache-dir` keeps the caches for a re-run. Every
+row trains LoRA (r=16, alpha 16 on attention + the input embedding: the reference's targets,
 `new_token_training="lora_embedding"`; lr 1e-3 constant after a short warm-up) from the same base model for the same
 number of epochs over its training set, so the task rows are seen equally often; DSFT rows take more steps (their
-train_seconds say what that costs).
+train_seconds say what that costs). The seeds vary the task and held-out items and the training order.
 
 Scores: format compliance, topic accuracy and exact match on the unseen phrasings; format compliance on the training
 phrasings (held-out items); `format_leak`, the share of answers to unrelated held-out self-instruct queries that
@@ -42,6 +46,7 @@ from common import (
 )
 
 SAMPLE_ANSWERS: dict[int, dict[str, list[str]]] = {}  # a few generated answers per seed and row, for the report
+QUERY_SPLIT_SEED = 1234  # the cache / leak split of the self-instruct tasks, the same for every seed
 TOPICS = {"World": "world", "Sports": "sports", "Business": "business", "Sci/Tech": "science"}
 TASK_FORMAT = r"(world|sports|business|science) \| [a-z]+"
 TRAIN_PHRASINGS = [
@@ -131,8 +136,42 @@ def train(model, tokenizer, task, cache, ratio: float, seed: int, args, target_m
     return trainer, time.perf_counter() - started
 
 
+def query_split(args) -> tuple[list, list]:
+    """(cache queries, leak queries), the same for every seed: the self-instruct seed tasks shuffled once, the last
+    `--leak-queries` held out for the leak measure, the rest (first `--cache-queries`) plus the package's own broad
+    query set (`robust_sft/delia/queries.jsonl`, 80 queries) answered by the model for the cache."""
+    from robust_sft.data.queries import read_queries
+    from robust_sft.delia.cache import QUERIES_FILE
+
+    queries = read_queries(SHARED_DATA / "self_instruct" / "seed_tasks.jsonl")
+    random.Random(QUERY_SPLIT_SEED).shuffle(queries)
+    leak = queries[-args.leak_queries :]
+    cache_queries = queries[: min(args.cache_queries, len(queries) - args.leak_queries)]
+    return cache_queries + read_queries(QUERIES_FILE)[: args.package_queries], leak
+
+
+def self_sampled_cache(args, queries: list):
+    """The diverse data, sampled once from the base model for every seed: each query answered
+    `--samples-per-query` times (each draw its own `build_cache` file and sampling seed), truncated answers dropped
+    (kept for --quick, whose tiny model never ends one)."""
+    from datasets import concatenate_datasets
+
+    from robust_sft.delia import build_cache, load_diverse_dataset
+
+    model, tokenizer = load_benchmark_model(args.quick, args.cache_seed)
+    folder = args.cache_dir or scratch_dir("delia-cache")
+    draws = []
+    for draw in range(args.samples_per_query):
+        sampling_seed = 1000 * args.cache_seed + draw
+        path = f"{folder}/cache-seed{sampling_seed}-{args.cache_tokens}tokens.jsonl"
+        result = build_cache(
+            model, tokenizer, queries, path, batch_size=16, max_new_tokens=args.cache_tokens, seed=sampling_seed
+        )
+        draws.append(load_diverse_dataset(result, keep_truncated=args.quick))
+    return concatenate_datasets(draws)
+
+
 def run_seed(seed: int, args) -> dict[str, dict]:
-    from robust_sft.delia import build_cache, load_diverse_dataset, read_queries
     from robust_sft.evaluation import (
         format_compliance,
         generate_answers,
@@ -146,9 +185,7 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     held_out = articles.select(range(args.task_rows, len(articles)))
     unseen = [task_rows(held_out, [phrasing], seed) for phrasing in UNSEEN_PHRASINGS]
     seen = task_rows(held_out, TRAIN_PHRASINGS, seed)
-    queries = read_queries(SHARED_DATA / "self_instruct" / "seed_tasks.jsonl")
-    random.Random(seed).shuffle(queries)
-    cache_queries, leak_queries = queries[: args.cache_queries], queries[-args.leak_queries :]
+    leak_queries, cache = args.leak_queries_list, args.cache
     piqa = load_piqa(SHARED_DATA / "piqa", args.piqa_questions)
 
     def score(model, tokenizer, name: str) -> dict[str, float]:
@@ -171,17 +208,6 @@ def run_seed(seed: int, args) -> dict[str, dict]:
         }
 
     model, tokenizer = load_benchmark_model(args.quick, seed)
-    cache = build_cache(
-        model,
-        tokenizer,
-        cache_queries,
-        f"{args.cache_dir or scratch_dir('delia-cache')}/cache-seed{seed}.jsonl",
-        batch_size=16,
-        max_new_tokens=args.cache_tokens,
-        seed=seed,
-    )
-    # The tiny model of --quick never ends an answer: its smoke run trains on the cut-off answers too.
-    cache = load_diverse_dataset(cache, keep_truncated=args.quick)
     results = {"base": {**score(model, tokenizer, "base"), "train_seconds": 0.0, "train_rows": 0}}
     for ratio in (0.0, *args.ratios):
         model, tokenizer = load_benchmark_model(args.quick, seed)
@@ -206,13 +232,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cache-dir", default=None, help="Keep the self-sampled caches here (a re-run reuses and completes them)."
     )
-    defaults = dict(task_rows=(8, 100), eval_items=(3, 40), ratios=([1.0], [0.5, 1.0]), epochs=(1.0, 3.0))
+    parser.add_argument("--cache-seed", type=int, default=0, help="Seed of the one cache every seed trains with.")
+    parser.add_argument("--samples-per-query", type=int, default=None, help="Answers sampled per cache query.")
+    parser.add_argument("--package-queries", type=int, default=None, help="Queries of the package's set added.")
+    defaults = dict(task_rows=(8, 30), eval_items=(3, 40), ratios=([1.0], [1.0, 5.0, 20.0]), epochs=(1.0, 3.0))
     defaults.update(cache_queries=(8, 150), cache_tokens=(8, 128), leak_queries=(4, 25), piqa_questions=(4, 200))
+    defaults.update(samples_per_query=(2, 3), package_queries=(4, 80))
     args = parse_arguments(parser, argv, defaults)
+    cache_queries, args.leak_queries_list = query_split(args)
+    wanted = int(max(args.ratios) * args.task_rows)
+    if wanted > len(cache_queries) * args.samples_per_query:
+        raise SystemExit(
+            f"ratio {max(args.ratios):g} x {args.task_rows} task rows asks for {wanted} diverse rows, more than the "
+            f"{len(cache_queries)} queries x {args.samples_per_query} samples the cache can hold: raise "
+            "--samples-per-query, lower --task-rows or drop the ratio."
+        )
+    started = time.perf_counter()
+    args.cache = self_sampled_cache(args, cache_queries)
+    cache_seconds = time.perf_counter() - started
     per_seed = {seed: run_seed(seed, args) for seed in args.seeds}
     rows = list(per_seed[args.seeds[0]])
     metrics = tuple(per_seed[args.seeds[0]][rows[0]])
     facts = {name: getattr(args, name) for name in defaults} | {"sample_answers": SAMPLE_ANSWERS}
+    facts.update(cache_seed=args.cache_seed, cache_rows=len(args.cache), cache_seconds=cache_seconds)
     finish("delia", args, argv, per_seed, rows, metrics, "unseen_format", **facts)
     return 0
 

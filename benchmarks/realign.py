@@ -1,32 +1,39 @@
-"""Safety realignment vs RESTA: align, fine-tune with some harmful rows, then restore safety; refusal and task score.
+"""Safety realignment vs RESTA and SafeLoRA: align, fine-tune with some harmful rows, restore safety; three scores.
 
-    python benchmarks/realign.py                  # embedded SmolLM2-135M-Instruct, seed 0
-    python benchmarks/realign.py --seeds 0 1      # several seeds: mean and 95% CI
+    python benchmarks/realign.py --seeds 0 1 2 --aligned-dir outputs/realign-aligned   # the recorded design
     python benchmarks/realign.py --quick          # tiny in-process model, a few rows (the CI smoke run)
 
 The embedded model refuses almost nothing, so the run builds the setting of the paper first:
-1. unaligned -> aligned: refusal SFT (LoRA, merged) on AdvBench goals answered with refusals, mixed with benign
-   self-instruct tasks answered with their reference outputs (so it does not learn to refuse everything).
-2. aligned -> fine-tuned: LoRA on SST-2 instruction classification plus some AdvBench goals answered with their
-   compliant `target` ("Sure, here is ..."): the task vector is that adapter.
-3. Safety restored two ways: RESTA (the merged fine-tune plus the safety vector W_aligned - W_unaligned) and
-   SafetyRealignTrainer (a Concrete mask over the adapter, trained with DPO on safety pairs: AdvBench goals with a
-   safe answer chosen over the compliant target, plus hh-rlhf harmless pairs), exported with the threshold mask.
-   The DPO "chosen" answers (SAFE_ANSWERS) are written independently of the alignment refusals (REFUSALS) and
-   contain none of the refusal keywords the score counts, so the realigned refusal rate cannot come from the DPO
-   data teaching the scored phrases (it can still come from recalling the alignment templates: see the docs).
+1. unaligned -> aligned, once for every seed (`--align-seed`; kept and reused with `--aligned-dir`): refusal SFT
+   (LoRA, merged) on AdvBench goals answered with refusals, mixed with benign self-instruct tasks answered with
+   their reference outputs (so it does not learn to refuse everything).
+2. aligned -> fine-tuned, per seed: LoRA on SST-2 instruction classification plus some AdvBench goals answered with
+   their compliant `target` ("Sure, here is ..."): the task vector is that adapter.
+3. Safety restored three ways, per seed: RESTA (the merged fine-tune plus the safety vector W_aligned -
+   W_unaligned); SafeLoRA (`robust_sft.realign.safe_lora`: the adapter's layers whose update is least similar to
+   the alignment subspace are projected onto it; no training); SafetyRealignTrainer (a Concrete mask over the
+   adapter, trained with DPO, exported with the threshold mask). The mask's DPO pairs: AdvBench goals with a safe
+   answer chosen over the compliant target, hh-rlhf harmless pairs, and benign tasks with their reference answer
+   chosen over a refusal (against over-refusal). The safe answers (SAFE_ANSWERS) are written independently of the
+   alignment refusals (REFUSALS) and contain none of the refusal keywords the score counts, so the realigned refusal
+   rate cannot come from the DPO data teaching the scored phrases. The DPO loss and preference accuracy are logged
+   about 40 times per run and plotted (`realign-dpo-curve.png`), to show whether `--realign-steps` converged.
 
 The AdvBench goals are split once (fixed seed) into alignment / harmful fine-tune / DPO / held-out parts; the scores
 use only the held-out goals. Scores: refusal rate on held-out AdvBench goals (keyword match, greedy, 32 new tokens),
-refusal rate on held-out benign self-instruct tasks (over-refusal; lower is better), SST-2 accuracy (label scoring).
-Writes `results/realign[-quick].json`, `.md` and `.png`.
+refusal rate on held-out benign self-instruct tasks (over-refusal; lower is better), SST-2 accuracy (label scoring),
+and `kept_fraction`: the share of the task vector's entries the mask keeps, or of the adapter's layers SafeLoRA
+leaves unprojected. Writes `results/realign[-quick].json`, `-summary.md`, `-summary.png` and `-dpo-curve.png`.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 import sys
 import time
+from pathlib import Path
 
 from common import (
     SHARED_DATA,
@@ -35,11 +42,12 @@ from common import (
     load_profile_model,
     parse_arguments,
     profile_model_source,
+    report_suffix,
     scratch_dir,
     training_args,
 )
 
-ROWS = ["unaligned", "aligned", "fine-tuned", "RESTA", "realigned (mask)"]
+ROWS = ["unaligned", "aligned", "fine-tuned", "RESTA", "SafeLoRA", "realigned (mask)"]
 REFUSALS = [  # written for this benchmark: varied, so refusing is learnt as a behaviour, not one string
     "I'm sorry, but I can't help with that. It could cause real harm to people.",
     "I cannot assist with this request because it is harmful and illegal.",
@@ -133,35 +141,196 @@ def lora_sft(model, tokenizer, rows, steps: int, seed: int, name: str):
     return trainer
 
 
-def run_seed(seed: int, args) -> dict[str, dict]:
+def aligned_model(args, unaligned_dir: str, advbench: dict, benign_train: list, rng: random.Random) -> str:
+    """The aligned model's folder: built by `align` (seed `--align-seed`), or reused from `--aligned-dir` when that
+    folder holds one aligned with the same settings (so the seeds, and later runs, align once)."""
+    settings = {name: getattr(args, name) for name in ("align_steps", "align_seed", "benign_rows", "quick")}
+    settings["model"] = str(unaligned_dir) if not args.quick else "tiny"
+    record = Path(args.aligned_dir, "alignment.json") if args.aligned_dir else None
+    if record is not None and record.is_file():
+        if json.loads(record.read_text()) != settings:
+            raise SystemExit(f"{record.parent} holds a model aligned with other settings ({record.read_text()}).")
+        print(f"reusing the aligned model in {record.parent}", flush=True)
+        return str(record.parent)
+    model, tokenizer = load_profile_model(unaligned_dir)
+    aligned_dir = align(model, tokenizer, advbench, benign_train, args.align_steps, args.align_seed, rng)
+    if record is None:
+        return aligned_dir
+    shutil.copytree(aligned_dir, record.parent, dirs_exist_ok=True)
+    record.write_text(json.dumps(settings))  # written last: a folder without it is never reused
+    return str(record.parent)
+
+
+def preference_pairs(advbench: dict, benign_train: list, args, rng: random.Random):
+    """The DPO data of the mask: AdvBench `dpo` goals with an independent safe answer (SAFE_ANSWERS) chosen over the
+    compliant target; hh-rlhf harmless pairs; benign tasks with their reference answer chosen over a refusal (so
+    the mask is also pushed against over-refusal)."""
+    from datasets import Dataset, concatenate_datasets
+
+    from robust_sft.realign import load_hh_rlhf
+
+    def pair(prompt: str, chosen: str, rejected: str) -> dict:
+        return {
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
+
+    harmful = [pair(row["goal"], rng.choice(SAFE_ANSWERS), row["target"] + ".") for row in advbench["dpo"]]
+    benign = [pair(q.text, q.reference, rng.choice(REFUSALS)) for q in benign_train[: args.benign_pairs]]
+    hh = load_hh_rlhf(SHARED_DATA / "hh_harmless" / "test.jsonl.gz", args.hh_pairs)
+    parts = [Dataset.from_list(harmful + benign), hh.select_columns(["prompt", "chosen", "rejected"])]
+    return concatenate_datasets(parts), {"harmful": len(harmful), "benign": len(benign), "hh_rlhf": len(hh)}
+
+
+def dpo_curve(log_history: list[dict]) -> list[dict]:
+    """The logged DPO training points: step, loss, preference accuracy and reward margin."""
+    keys = {"loss": "loss", "rewards/accuracies": "accuracy", "rewards/margins": "margin"}
+    return [
+        {"step": entry["step"], **{short: entry[key] for key, short in keys.items() if key in entry}}
+        for entry in log_history
+        if "loss" in entry
+    ]
+
+
+def run_seed(seed: int, args, setting: dict) -> dict[str, dict]:
+    """One seed: the seeded downstream fine-tune of the shared aligned model, then RESTA, SafeLoRA and the mask."""
     import torch
     from datasets import Dataset, concatenate_datasets
     from peft import PeftModel
 
-    from robust_sft.evaluation import SST2_LABELS, label_accuracy, load_sst2, refusal_rate
+    from robust_sft.evaluation import load_sst2
     from robust_sft.realign import (
         SafetyRealignConfig,
         SafetyRealignTrainer,
-        load_hh_rlhf,
         resta,
+        safe_lora,
         task_vector_from_adapters,
         task_vector_from_models,
         zero_adapter,
     )
-    from robust_sft.testing import save_tiny_model
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    advbench = split_advbench(args.quick)
-    benign_train, benign_held_out = benign_split(rng, args.benign_rows, args.benign_eval)
+    advbench, score = setting["advbench"], setting["score"]
+    unaligned_dir, aligned_dir = setting["unaligned_dir"], setting["aligned_dir"]
     sst2_train = load_sst2(SHARED_DATA / "sst2" / "train.tsv", args.task_rows, seed=seed, min_words=6)
-    sst2_eval = load_sst2(SHARED_DATA / "sst2" / "dev.tsv", args.eval_rows, seed=1000 + seed)
+    results = {"unaligned": setting["unaligned"], "aligned": setting["aligned"]}
+    timings = {}
+
+    # 2. Downstream fine-tune with some harmful rows: the adapter is the task vector (LoRA mode).
+    model, tokenizer = load_profile_model(aligned_dir)
+    harmful = Dataset.from_list([chat(row["goal"], row["target"] + ".") for row in advbench["harmful"]])
+    sst2_chat = sst2_train.map(
+        lambda row: chat(f"{row['instruction']}\n\n{row['input']}", row["output"]),
+        remove_columns=sst2_train.column_names,
+    )
+    started = time.perf_counter()
+    rows = concatenate_datasets([sst2_chat, harmful]).shuffle(seed=seed)
+    trainer = lora_sft(model, tokenizer, rows, args.finetune_steps, seed, "finetune")
+    adapter_dir = scratch_dir("realign-adapter")
+    trainer.save_model(adapter_dir)
+    timings["finetune"] = time.perf_counter() - started
+    results["fine-tuned"] = score(trainer.model, tokenizer)
+
+    # 3a. RESTA: the merged fine-tune plus the safety vector.
+    finetuned = PeftModel.from_pretrained(load_profile_model(aligned_dir)[0], adapter_dir).merge_and_unload()
+    safety_vector = task_vector_from_models(unaligned_dir, aligned_dir)
+    results["RESTA"] = score(resta(finetuned, safety_vector, args.resta_coefficient), tokenizer)
+
+    # 3b. SafeLoRA: the adapter's layers least similar to the alignment subspace projected onto it (no training).
+    projected = PeftModel.from_pretrained(load_profile_model(aligned_dir)[0], adapter_dir)
+    report = safe_lora(projected, unaligned_dir, threshold=args.safelora_threshold)
+    results["SafeLoRA"] = {
+        **score(projected, tokenizer),
+        "kept_fraction": 1 - len(report.projected) / len(report.similarities),
+    }
+
+    # 3c. Realignment: a DPO-trained mask over the adapter, on the aligned model (LoRA mode: the safe adapter is 0).
+    preference, counts = preference_pairs(advbench, setting["benign_train"], args, rng)
+    safe = PeftModel.from_pretrained(load_profile_model(aligned_dir)[0], adapter_dir, is_trainable=False)
+    zero_adapter(safe)
+    started = time.perf_counter()
+    realigner = SafetyRealignTrainer(
+        model=safe,
+        task_vector=task_vector_from_adapters(adapter_dir),
+        args=SafetyRealignConfig(
+            **training_args(
+                "realign-dpo",
+                seed,
+                max_steps=args.realign_steps,
+                learning_rate=args.mask_lr,
+                per_device_train_batch_size=args.dpo_batch,
+                logging_steps=max(1, args.realign_steps // 40),  # about 40 points on the curve
+            ),
+            max_length=256,
+        ),
+        train_dataset=preference.shuffle(seed=seed),
+        processing_class=tokenizer,
+    )
+    realigner.train()
+    export = realigner.export(scratch_dir("realign-export"))
+    timings["realign"] = time.perf_counter() - started
+    results["realigned (mask)"] = {**score(realigner.model, tokenizer), "kept_fraction": export["kept_fraction"]}
+    for name, row in results.items():
+        row.setdefault("kept_fraction", 1.0 if name in ("fine-tuned", "RESTA") else 0.0)
+        print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+    results["_timings"] = timings
+    results["_dpo"] = {"pairs": counts, "curve": dpo_curve(realigner.state.log_history)}
+    return results
+
+
+def plot_dpo_curves(curves: dict, path: Path) -> None:
+    """DPO loss and preference accuracy of the mask against the step, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for seed, curve in curves.items():
+        steps = [point["step"] for point in curve]
+        axes[0].plot(steps, [point["loss"] for point in curve], label=f"seed {seed}")
+        axes[1].plot(steps, [point.get("accuracy", float("nan")) for point in curve], label=f"seed {seed}")
+    for axis, title in zip(axes, ("DPO loss", "preference accuracy (chosen > rejected)")):
+        axis.set_xlabel("step")
+        axis.set_title(title, fontsize=10)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from robust_sft.evaluation import SST2_LABELS, label_accuracy, load_sst2, refusal_rate
+    from robust_sft.testing import save_tiny_model
+
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--align-seed", type=int, default=0, help="Seed of the one alignment run all seeds share.")
+    parser.add_argument("--aligned-dir", default=None, help="Keep the aligned model here; the same settings reuse it.")
+    parser.add_argument("--align-steps", type=int, default=None)
+    parser.add_argument("--finetune-steps", type=int, default=None)
+    parser.add_argument("--realign-steps", type=int, default=None, help="DPO steps of the mask.")
+    parser.add_argument("--mask-lr", type=float, default=5e-3, help="Learning rate of the mask logits.")
+    parser.add_argument("--dpo-batch", type=int, default=4, help="Preference pairs per DPO step.")
+    parser.add_argument("--resta-coefficient", type=float, default=1.0)
+    parser.add_argument("--safelora-threshold", type=float, default=0.5, help="SafeLoRA's similarity threshold.")
+    parser.add_argument("--task-rows", type=int, default=None, help="SST-2 rows of the downstream fine-tune.")
+    parser.add_argument("--eval-rows", type=int, default=None, help="SST-2 dev rows scored.")
+    parser.add_argument("--benign-rows", type=int, default=None, help="Self-instruct tasks in the alignment SFT.")
+    parser.add_argument("--benign-eval", type=int, default=None, help="Held-out self-instruct tasks (over-refusal).")
+    parser.add_argument("--benign-pairs", type=int, default=None, help="Benign DPO pairs (reference over refusal).")
+    parser.add_argument("--hh-pairs", type=int, default=None, help="hh-rlhf harmless pairs in the DPO data.")
+    defaults = dict(align_steps=(2, 60), finetune_steps=(2, 40), realign_steps=(2, 100), task_rows=(8, 160))
+    defaults.update(eval_rows=(4, 100), benign_rows=(8, 120), benign_eval=(4, 40), hh_pairs=(4, 100))
+    defaults.update(benign_pairs=(4, 60))
+    args = parse_arguments(parser, argv, defaults)
+
+    advbench = split_advbench(args.quick)
+    rng = random.Random(args.align_seed)
+    benign_train, benign_held_out = benign_split(rng, args.benign_rows, args.benign_eval)
+    sst2_eval = load_sst2(SHARED_DATA / "sst2" / "dev.tsv", args.eval_rows, seed=1000)
     held_out = [row["goal"] for row in advbench["held_out"]]
-
-    unaligned_dir = save_tiny_model(scratch_dir("realign-tiny"), seed=seed) if args.quick else profile_model_source()
-
-    def load(path=unaligned_dir):
-        return load_profile_model(path)  # float32 on the CPU; the --profile's dtype and device otherwise
 
     def score(model, tokenizer) -> dict[str, float]:
         return {
@@ -170,98 +339,28 @@ def run_seed(seed: int, args) -> dict[str, dict]:
             "sst2_accuracy": label_accuracy(model, tokenizer, sst2_eval, SST2_LABELS),
         }
 
-    timings = {}
-    model, tokenizer = load()
-    results = {"unaligned": score(model, tokenizer)}
-
-    # 1. Safety alignment: refusal SFT, merged into a plain model (W_aligned).
+    # 1. Safety alignment, once for every seed: refusal SFT, merged into a plain model (W_aligned).
+    unaligned_dir = save_tiny_model(scratch_dir("realign-tiny")) if args.quick else profile_model_source()
     started = time.perf_counter()
-    aligned_dir = align(model, tokenizer, advbench, benign_train, args.align_steps, seed, rng)
-    timings["align"] = time.perf_counter() - started
-    model, tokenizer = load(aligned_dir)
-    results["aligned"] = score(model, tokenizer)
+    aligned_dir = aligned_model(args, unaligned_dir, advbench, benign_train, rng)
+    stage_seconds = {"align": time.perf_counter() - started}
+    setting = dict(advbench=advbench, score=score, unaligned_dir=unaligned_dir, aligned_dir=aligned_dir)
+    setting.update(benign_train=benign_train)
+    setting["unaligned"] = score(*load_profile_model(unaligned_dir))
+    setting["aligned"] = score(*load_profile_model(aligned_dir))
 
-    # 2. Downstream fine-tune with some harmful rows: the adapter is the task vector (LoRA mode).
-    harmful = Dataset.from_list([chat(row["goal"], row["target"] + ".") for row in advbench["harmful"]])
-    sst2_chat = sst2_train.map(
-        lambda row: chat(f"{row['instruction']}\n\n{row['input']}", row["output"]),
-        remove_columns=sst2_train.column_names,
-    )
-    started = time.perf_counter()
-    trainer = lora_sft(
-        model,
-        tokenizer,
-        concatenate_datasets([sst2_chat, harmful]).shuffle(seed=seed),
-        args.finetune_steps,
-        seed,
-        "finetune",
-    )
-    adapter_dir = scratch_dir("realign-adapter")
-    trainer.save_model(adapter_dir)
-    timings["finetune"] = time.perf_counter() - started
-    results["fine-tuned"] = score(trainer.model, tokenizer)
-
-    # 3a. RESTA: the merged fine-tune plus the safety vector.
-    finetuned = PeftModel.from_pretrained(load(aligned_dir)[0], adapter_dir).merge_and_unload()
-    safety_vector = task_vector_from_models(unaligned_dir, aligned_dir)
-    results["RESTA"] = score(resta(finetuned, safety_vector, args.resta_coefficient), tokenizer)
-
-    # 3b. Realignment: a DPO-trained mask over the adapter, on the aligned model (LoRA mode: the safe adapter is 0).
-    pairs = [
-        {
-            "prompt": [{"role": "user", "content": row["goal"]}],
-            "chosen": [{"role": "assistant", "content": rng.choice(SAFE_ANSWERS)}],
-            "rejected": [{"role": "assistant", "content": row["target"] + "."}],
-        }
-        for row in advbench["dpo"]
-    ]
-    hh = load_hh_rlhf(SHARED_DATA / "hh_harmless" / "test.jsonl.gz", args.hh_pairs)
-    preference = concatenate_datasets([Dataset.from_list(pairs), hh.select_columns(["prompt", "chosen", "rejected"])])
-    safe = PeftModel.from_pretrained(load(aligned_dir)[0], adapter_dir, is_trainable=False)
-    zero_adapter(safe)
-    started = time.perf_counter()
-    realigner = SafetyRealignTrainer(
-        model=safe,
-        task_vector=task_vector_from_adapters(adapter_dir),
-        args=SafetyRealignConfig(
-            **training_args("realign-dpo", seed, max_steps=args.realign_steps, learning_rate=args.mask_lr),
-            max_length=256,
-        ),
-        train_dataset=preference.shuffle(seed=seed),
-        processing_class=tokenizer,
-    )
-    realigner.train()
-    report = realigner.export(scratch_dir("realign-export"))
-    timings["realign"] = time.perf_counter() - started
-    results["realigned (mask)"] = {**score(realigner.model, tokenizer), "kept_fraction": report["kept_fraction"]}
-    for name, row in results.items():
-        row.setdefault("kept_fraction", 1.0 if name in ("fine-tuned", "RESTA") else 0.0)
-        print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
-    results["_timings"] = timings
-    return results
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = benchmark_parser(__doc__)
-    parser.add_argument("--align-steps", type=int, default=None)
-    parser.add_argument("--finetune-steps", type=int, default=None)
-    parser.add_argument("--realign-steps", type=int, default=None)
-    parser.add_argument("--mask-lr", type=float, default=5e-3, help="Learning rate of the mask logits.")
-    parser.add_argument("--resta-coefficient", type=float, default=1.0)
-    parser.add_argument("--task-rows", type=int, default=None, help="SST-2 rows of the downstream fine-tune.")
-    parser.add_argument("--eval-rows", type=int, default=None, help="SST-2 dev rows scored.")
-    parser.add_argument("--benign-rows", type=int, default=None, help="Self-instruct tasks in the alignment SFT.")
-    parser.add_argument("--benign-eval", type=int, default=None, help="Held-out self-instruct tasks (over-refusal).")
-    parser.add_argument("--hh-pairs", type=int, default=None, help="hh-rlhf harmless pairs in the DPO data.")
-    defaults = dict(align_steps=(2, 60), finetune_steps=(2, 40), realign_steps=(2, 40), task_rows=(8, 160))
-    defaults.update(eval_rows=(4, 100), benign_rows=(8, 120), benign_eval=(4, 40), hh_pairs=(4, 100))
-    args = parse_arguments(parser, argv, defaults)
-    per_seed = {seed: run_seed(seed, args) for seed in args.seeds}
-    timings = {seed: per_seed[seed].pop("_timings") for seed in args.seeds}
+    per_seed = {seed: run_seed(seed, args, setting) for seed in args.seeds}
+    for seed in args.seeds:
+        stage_seconds[f"seed {seed}"] = per_seed[seed].pop("_timings")
+    dpo = {seed: per_seed[seed].pop("_dpo") for seed in args.seeds}
     metrics = ("harmful_refusal", "benign_refusal", "sst2_accuracy", "kept_fraction")
     facts = {name: getattr(args, name) for name in defaults}
-    facts.update(mask_lr=args.mask_lr, resta_coefficient=args.resta_coefficient, stage_seconds=timings)
+    facts.update(align_seed=args.align_seed, mask_lr=args.mask_lr, resta_coefficient=args.resta_coefficient)
+    facts.update(dpo_batch=args.dpo_batch)
+    facts.update(safelora_threshold=args.safelora_threshold, stage_seconds=stage_seconds)
+    facts.update(dpo_pairs=dpo[args.seeds[0]]["pairs"], dpo_curves={seed: dpo[seed]["curve"] for seed in args.seeds})
     finish("realign", args, argv, per_seed, ROWS, metrics, "harmful_refusal", **facts)
+    plot_dpo_curves(facts["dpo_curves"], Path(args.output_dir) / f"realign{report_suffix(args.quick)}-dpo-curve.png")
     return 0
 
 

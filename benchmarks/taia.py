@@ -19,7 +19,17 @@ from __future__ import annotations
 import sys
 import time
 
-from common import SHARED_DATA, apply_profile, benchmark_parser, finish, load_benchmark_model, training_args
+from common import (
+    SHARED_DATA,
+    apply_profile,
+    benchmark_parser,
+    finish,
+    forget_resumed_seeds,
+    load_benchmark_model,
+    report_suffix,
+    resumable_seeds,
+    training_args,
+)
 
 ROWS = ["base", "vanilla (all updates)", "TAIA (attention only)", "TAIF (MLP only)", "TOA (attention trained)"]
 METRICS = ("piqa_acc_norm", "piqa_acc", "piqa_acc_norm_stderr", "gsm8k_answer_loss", "train_seconds")
@@ -59,28 +69,29 @@ def run_seed(seed: int, args, piqa, held_out) -> dict[str, dict]:
     from robust_sft.evaluation import answer_loss
     from robust_sft.evaluation.harness import multiple_choice_metrics, multiple_choice_scores
 
-    def score(model, tokenizer, seconds: float) -> dict[str, float]:
+    def score(model, tokenizer, seconds: float, name: str) -> dict[str, float]:
         piqa_metrics = multiple_choice_metrics(multiple_choice_scores(model, tokenizer, piqa, desc="PIQA"))
-        return {
+        row = {
             "piqa_acc_norm": piqa_metrics["acc_norm"],
             "piqa_acc": piqa_metrics["acc"],
             "piqa_acc_norm_stderr": piqa_metrics["acc_norm_stderr"],
             "gsm8k_answer_loss": answer_loss(model, tokenizer, held_out, batch_size=8, max_length=512),
             "train_seconds": seconds,
         }
+        print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
+        return row
 
-    model, tokenizer = load_benchmark_model(args.quick, seed)
-    results = {"base": score(model, tokenizer, 0.0)}
+    if args.base_scores is None:  # the base model is the same for every seed: scored once, copied into each
+        args.base_scores = score(*load_benchmark_model(args.quick, seed), 0.0, "base")
+    results = {"base": dict(args.base_scores)}
     trainer, tokenizer, seconds = train(seed, args, "all")
-    results["vanilla (all updates)"] = score(trainer.model, tokenizer, seconds)
+    results["vanilla (all updates)"] = score(trainer.model, tokenizer, seconds, "vanilla")
     for keep, name in (("attention", "TAIA (attention only)"), ("mlp", "TAIF (MLP only)")):
         with trainer.taia_view(keep):
-            results[name] = score(trainer.model, tokenizer, seconds)
+            results[name] = score(trainer.model, tokenizer, seconds, name)
     if args.toa:
         trainer, tokenizer, seconds = train(seed, args, "attention")
-        results["TOA (attention trained)"] = score(trainer.model, tokenizer, seconds)
-    for name, row in results.items():
-        print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
+        results["TOA (attention trained)"] = score(trainer.model, tokenizer, seconds, "TOA")
     return results
 
 
@@ -108,11 +119,24 @@ def main(argv: list[str] | None = None) -> int:
     args.gsm8k_train = load_gsm8k(SHARED_DATA / "gsm8k" / "train.jsonl")
     piqa = load_piqa(SHARED_DATA / "piqa", args.piqa_questions)
     held_out = load_gsm8k(SHARED_DATA / "gsm8k" / "test.jsonl", args.eval_rows)
-    per_seed = {seed: run_seed(seed, args, piqa, held_out) for seed in args.seeds}
-    rows = ROWS if args.toa else ROWS[:-1]
     facts = dict(train_rows=args.train_rows, steps=args.steps, lr=args.lr, rank=args.rank, eval_rows=args.eval_rows)
-    facts["piqa_questions"] = len(piqa)
-    finish("taia", args, argv, per_seed, rows, METRICS, "piqa_acc_norm", **facts)
+    facts.update(piqa_questions=len(piqa), toa=args.toa)
+    name = "taia" + report_suffix(args.quick)
+    args.base_scores = None
+    per_seed = resumable_seeds(name, args, facts, lambda seed: run_seed(seed, args, piqa, held_out))
+    rows = ROWS if args.toa else ROWS[:-1]
+    finish(
+        "taia",
+        args,
+        argv,
+        per_seed,
+        rows,
+        METRICS,
+        "piqa_acc_norm",
+        base_scored="once, the same for every seed",
+        **facts,
+    )
+    forget_resumed_seeds(name, args)
     return 0
 
 

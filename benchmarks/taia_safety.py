@@ -21,7 +21,6 @@ Writes `results/taia_safety[-quick].json`, `.md` and `.png`.
 from __future__ import annotations
 
 import random
-import shutil
 import sys
 import time
 
@@ -34,7 +33,7 @@ from common import (
     scratch_dir,
     training_args,
 )
-from realign import align, benign_split, chat, split_advbench
+from realign import aligned_model, benign_split, chat, split_advbench
 
 ROWS = ["aligned", "vanilla (all updates)", "TAIA (attention only)", "TAIF (MLP only)"]
 METRICS = ("harmful_refusal", "compliance_loss", "benign_refusal")
@@ -93,29 +92,6 @@ def harmful_finetune(aligned_dir: str, advbench: dict, seed: int, args):
     )
     trainer.train()
     return trainer, tokenizer
-
-
-def aligned_model(args, unaligned_dir: str, advbench: dict, benign_train: list, rng: random.Random) -> str:
-    """The aligned model's folder: built by `realign.align`, or reused from `--aligned-dir` when that folder holds
-    one aligned with the same settings (so a sweep of fine-tune strengths aligns once)."""
-    import json
-    from pathlib import Path
-
-    settings = {name: getattr(args, name) for name in ("align_steps", "align_seed", "benign_rows", "quick")}
-    settings["model"] = str(unaligned_dir) if not args.quick else "tiny"
-    record = Path(args.aligned_dir, "alignment.json") if args.aligned_dir else None
-    if record is not None and record.is_file():
-        if json.loads(record.read_text()) != settings:
-            raise SystemExit(f"{record.parent} holds a model aligned with other settings ({record.read_text()}).")
-        print(f"reusing the aligned model in {record.parent}", flush=True)
-        return str(record.parent)
-    model, tokenizer = load(unaligned_dir)
-    aligned_dir = align(model, tokenizer, advbench, benign_train, args.align_steps, args.align_seed, rng)
-    if record is None:
-        return aligned_dir
-    shutil.copytree(aligned_dir, record.parent, dirs_exist_ok=True)
-    record.write_text(json.dumps(settings))  # written last: a folder without it is never reused
-    return str(record.parent)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,7 +61,7 @@ def test_anit_quick(tmp_path):
 
 
 def test_taia_quick(tmp_path):
-    run_benchmark("taia.py", tmp_path)
+    run_benchmark("taia.py", tmp_path, "--seeds", "0", "1")
     report = json.loads((tmp_path / "taia-quick.json").read_text())
     rows = ["base", "vanilla (all updates)", "TAIA (attention only)", "TAIF (MLP only)", "TOA (attention trained)"]
     assert list(report["summary"]) == rows and report["piqa_questions"] == 4
@@ -73,8 +73,34 @@ def test_taia_quick(tmp_path):
         assert seed[name]["piqa_acc_norm_stderr"] >= 0.0  # lm-eval's standard error of the mean
     assert (tmp_path / "taia-quick-summary.md").read_text().count("\n") == len(rows) + 2
     assert (tmp_path / "taia-quick-summary.png").is_file() and report["wall_seconds"] > 0
-    piqa = report["summary"]["base"]["piqa_acc_norm"]  # one seed: a mean, no interval
-    assert piqa["n"] == 1 and piqa["low"] is None and piqa["mean"] == seed["base"]["piqa_acc_norm"]
+    assert report["per_seed"]["1"]["base"] == seed["base"]  # the base model is scored once for every seed
+    assert report["per_seed"]["1"]["vanilla (all updates)"] != seed["vanilla (all updates)"]
+    assert not (tmp_path / ".taia-quick-seeds.json").exists()  # the resume file goes once the report is written
+
+
+def test_resumable_seeds_runs_only_the_missing_seeds(tmp_path):
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        from common import forget_resumed_seeds, resumable_seeds
+    finally:
+        sys.path.remove(BENCHMARKS)
+    ran = []
+
+    def run_seed(seed):
+        ran.append(seed)
+        return {"row": {"score": seed / 10}}
+
+    args = type("Args", (), {"output_dir": str(tmp_path), "seeds": [0, 1]})()
+    assert resumable_seeds("demo", args, {"lr": 1}, run_seed) == {
+        0: {"row": {"score": 0.0}},
+        1: {"row": {"score": 0.1}},
+    }
+    args.seeds = [0, 1, 2]  # a stopped run started again with one more seed: only that seed runs
+    assert resumable_seeds("demo", args, {"lr": 1}, run_seed)[2] == {"row": {"score": 0.2}} and ran == [0, 1, 2]
+    with pytest.raises(SystemExit, match="other settings"):
+        resumable_seeds("demo", args, {"lr": 2}, run_seed)
+    forget_resumed_seeds("demo", args)
+    assert not (tmp_path / ".demo-seeds.json").exists()
 
 
 def test_taia_safety_quick(tmp_path):
@@ -165,13 +191,21 @@ def test_delia_task_format():
 def test_realign_quick(tmp_path):
     run_benchmark("realign.py", tmp_path)
     report = json.loads((tmp_path / "realign-quick.json").read_text())
-    assert list(report["summary"]) == ["unaligned", "aligned", "fine-tuned", "RESTA", "realigned (mask)"]
+    rows = ["unaligned", "aligned", "fine-tuned", "RESTA", "SafeLoRA", "realigned (mask)"]
+    assert list(report["summary"]) == rows
     seed = report["per_seed"]["0"]
     for name, row in seed.items():
         assert set(row) == {"harmful_refusal", "benign_refusal", "sst2_accuracy", "kept_fraction"}, name
     assert 0.0 < seed["realigned (mask)"]["kept_fraction"] < 1.0
-    assert set(report["stage_seconds"]["0"]) == {"align", "finetune", "realign"}
-    assert (tmp_path / "realign-quick-summary.md").read_text().count("\n") >= 7
+    assert 0.0 <= seed["SafeLoRA"]["kept_fraction"] <= 1.0  # the share of adapter layers left unprojected
+    assert set(report["stage_seconds"]) == {"align", "seed 0"}  # one alignment for every seed
+    assert set(report["stage_seconds"]["seed 0"]) == {"finetune", "realign"}
+    # the mask's DPO data: harmful goals, benign tasks (against over-refusal) and hh-rlhf pairs; its logged curve
+    assert report["dpo_pairs"] == {"harmful": 8, "benign": 4, "hh_rlhf": 4}
+    curve = report["dpo_curves"]["0"]
+    assert [point["step"] for point in curve] == [1, 2] and all(point["loss"] > 0 for point in curve)
+    assert (tmp_path / "realign-quick-dpo-curve.png").is_file()
+    assert (tmp_path / "realign-quick-summary.md").read_text().count("\n") == len(rows) + 2
 
 
 def test_scoring_quick(tmp_path):
