@@ -82,10 +82,19 @@ def apply_profile(args) -> dict:
 
 
 def profile_model_source() -> str:
-    """The profile's base model: its hub id or folder, or the embedded model's local folder."""
+    """The profile's base model as a local folder: the embedded model's, the `--model` folder, or a hub id's
+    snapshot."""
     from robust_sft.modeling import ensure_embedded_model
 
-    return PROFILE["model"] or str(ensure_embedded_model())
+    if PROFILE["model"] is None:
+        return str(ensure_embedded_model())
+    if Path(PROFILE["model"]).is_dir():
+        return PROFILE["model"]
+    # A hub id: downloaded once into the hub cache, so every step that reads weights from a folder (task vectors,
+    # SafeLoRA's alignment matrices) finds one.
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(PROFILE["model"])
 
 
 def report_suffix(quick: bool) -> str:
@@ -154,20 +163,24 @@ def write_report(output_dir: str | os.PathLike, name: str, report: dict) -> Path
     return path
 
 
-def resumable_seeds(name: str, args, settings: dict, run_seed) -> dict:
-    """`{seed: run_seed(seed)}` for every seed of `args.seeds`; each finished seed is kept in a hidden file of the
-    output folder, so a stopped run resumes at the next seed. Refused when that file holds another design's seeds.
-    The caller removes the file with `forget_resumed_seeds` once its report is written."""
+def resumable_seeds(name: str, args, settings: dict, run_seed) -> tuple[dict, dict]:
+    """(`{seed: run_seed(seed)}` for every seed of `args.seeds`, `{seed: its wall seconds}`). Each finished seed is
+    kept in a hidden file of the output folder, so a stopped run resumes at the next seed (the seconds of the seeds
+    run before the stop are kept too: their sum is the run's total). Refused when that file holds another design's
+    seeds. The caller removes the file with `forget_resumed_seeds` once its report is written."""
+    settings = json.loads(json.dumps(settings))  # compared with the file's copy: the same types on both sides
     partial = Path(args.output_dir) / f".{name}-seeds.json"
     saved = json.loads(partial.read_text()) if partial.exists() else {"settings": settings, "seeds": {}}
     if saved["settings"] != settings:
         raise SystemExit(f"{partial} holds seeds of other settings ({saved['settings']}); delete it to start over.")
-    done = saved["seeds"]
+    done, seconds = saved["seeds"], saved.setdefault("seconds", {})
     for seed in args.seeds:
         if str(seed) not in done:
-            done[str(seed)] = run_seed(seed)
-            write_report(partial.parent, partial.stem, {"settings": settings, "seeds": done})
-    return {seed: done[str(seed)] for seed in args.seeds}
+            started = time.perf_counter()
+            done[str(seed)] = json.loads(json.dumps(run_seed(seed)))  # a resumed seed reads the same as a fresh one
+            seconds[str(seed)] = time.perf_counter() - started
+            write_report(partial.parent, partial.stem, saved)
+    return {seed: done[str(seed)] for seed in args.seeds}, {seed: seconds.get(str(seed)) for seed in args.seeds}
 
 
 def forget_resumed_seeds(name: str, args) -> None:

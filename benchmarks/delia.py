@@ -1,7 +1,7 @@
 """DELIA vs plain SFT: a small formatted task with a new `<sep>` token, and a sweep of the diverse-data ratio.
 
     python benchmarks/delia.py --seeds 0 1 2 --cache-dir outputs/delia-cache   # the design of the evidence issue
-    python benchmarks/delia.py --task-rows 100 --ratios 0.5 1 --samples-per-query 1   # the earlier recorded run
+    python benchmarks/delia.py --task-rows 100 --ratios 0.5 1 --samples-per-query 1 --package-queries 0   # ~ first run
     python benchmarks/delia.py --quick          # tiny in-process model, a few rows (the CI smoke run)
 
 The task: read an AG News item and answer `topic | first-word` (topic one of world / sports / business / science,
@@ -15,8 +15,10 @@ trains its output row too, see the DELIA docs.)
 The diverse data is self-sampled once, for every seed (`--cache-seed`): the base model answers self-instruct seed
 tasks (150; 25 others are held out for the leak measure) and the package's own 80 broad queries with `build_cache`
 (the paper's one-shot prompt, temperature 0.7; answers cut off by `--cache-tokens` are flagged and not trained on),
-`--samples-per-query` times each (3: up to 690 rows), so the sweep reaches `diverse_ratio` 20 (600 rows for 30 task
-rows); a sweep the cache cannot hold is refused before any work. `--cache-dir` keeps the caches for a re-run. Every
+`--samples-per-query` times each (4: up to 920 rows before the answers cut off at `--cache-tokens` 160 are dropped),
+so the sweep reaches `diverse_ratio` 20 (600 rows for 30 task rows); a sweep the cache cannot hold is refused before
+any training (before sampling when its queries alone cannot hold it: the cut-off answers are only known after).
+`--cache-dir` keeps the caches for a re-run. Every
 row trains LoRA (r=16, alpha 16 on attention + the input embedding: the reference's targets,
 `new_token_training="lora_embedding"`; lr 1e-3 constant after a short warm-up) from the same base model for the same
 number of epochs over its training set, so the task rows are seen equally often; DSFT rows take more steps (their
@@ -30,10 +32,12 @@ Writes `results/delia[-quick].json`, `.md` and `.png`.
 
 from __future__ import annotations
 
+import math
 import random
 import string
 import sys
 import time
+from fractions import Fraction
 
 from common import (
     SHARED_DATA,
@@ -144,31 +148,46 @@ def query_split(args) -> tuple[list, list]:
     from robust_sft.delia.cache import QUERIES_FILE
 
     queries = read_queries(SHARED_DATA / "self_instruct" / "seed_tasks.jsonl")
+    if not 1 <= args.leak_queries < len(queries) or args.cache_queries + args.leak_queries > len(queries):
+        raise SystemExit(
+            f"--cache-queries {args.cache_queries} + --leak-queries {args.leak_queries} must split the "
+            f"{len(queries)} self-instruct tasks (at least one leak query, the two parts disjoint)."
+        )
     random.Random(QUERY_SPLIT_SEED).shuffle(queries)
     leak = queries[-args.leak_queries :]
-    cache_queries = queries[: min(args.cache_queries, len(queries) - args.leak_queries)]
-    return cache_queries + read_queries(QUERIES_FILE)[: args.package_queries], leak
+    return queries[: args.cache_queries] + read_queries(QUERIES_FILE)[: args.package_queries], leak
 
 
 def self_sampled_cache(args, queries: list):
     """The diverse data, sampled once from the base model for every seed: each query answered
     `--samples-per-query` times (each draw its own `build_cache` file and sampling seed), truncated answers dropped
     (kept for --quick, whose tiny model never ends one)."""
-    from datasets import concatenate_datasets
+    from datasets import Dataset, concatenate_datasets
 
     from robust_sft.delia import build_cache, load_diverse_dataset
+    from robust_sft.delia.store import read_rows
 
     model, tokenizer = load_benchmark_model(args.quick, args.cache_seed)
     folder = args.cache_dir or scratch_dir("delia-cache")
+    keys = {query.key for query in queries}
     draws = []
     for draw in range(args.samples_per_query):
         sampling_seed = 1000 * args.cache_seed + draw
         path = f"{folder}/cache-seed{sampling_seed}-{args.cache_tokens}tokens.jsonl"
-        result = build_cache(
+        build_cache(
             model, tokenizer, queries, path, batch_size=16, max_new_tokens=args.cache_tokens, seed=sampling_seed
         )
-        draws.append(load_diverse_dataset(result, keep_truncated=args.quick))
+        # a reused --cache-dir may hold answers to other queries (an earlier split): only this split's are trained
+        rows = [row for row in read_rows(path)[0] if row["query_key"] in keys]
+        draws.append(
+            load_diverse_dataset(Dataset.from_list(rows), keep_truncated=args.quick).select_columns("messages")
+        )
     return concatenate_datasets(draws)
+
+
+def diverse_rows_wanted(args) -> int:
+    """The diverse rows the largest ratio mixes in: DELIATrainer's own count, floor(task rows x ratio as written)."""
+    return math.floor(args.task_rows * Fraction(str(max(args.ratios))))
 
 
 def run_seed(seed: int, args) -> dict[str, dict]:
@@ -236,20 +255,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples-per-query", type=int, default=None, help="Answers sampled per cache query.")
     parser.add_argument("--package-queries", type=int, default=None, help="Queries of the package's set added.")
     defaults = dict(task_rows=(8, 30), eval_items=(3, 40), ratios=([1.0], [1.0, 5.0, 20.0]), epochs=(1.0, 3.0))
-    defaults.update(cache_queries=(8, 150), cache_tokens=(8, 128), leak_queries=(4, 25), piqa_questions=(4, 200))
-    defaults.update(samples_per_query=(2, 3), package_queries=(4, 80))
+    defaults.update(cache_queries=(8, 150), cache_tokens=(8, 160), leak_queries=(4, 25), piqa_questions=(4, 200))
+    defaults.update(samples_per_query=(2, 4), package_queries=(4, 80))
     args = parse_arguments(parser, argv, defaults)
     cache_queries, args.leak_queries_list = query_split(args)
-    wanted = int(max(args.ratios) * args.task_rows)
-    if wanted > len(cache_queries) * args.samples_per_query:
+    fix = "raise --samples-per-query or --cache-tokens, lower --task-rows, or drop the ratio"
+    if diverse_rows_wanted(args) > len(cache_queries) * args.samples_per_query:  # before any sampling
         raise SystemExit(
-            f"ratio {max(args.ratios):g} x {args.task_rows} task rows asks for {wanted} diverse rows, more than the "
-            f"{len(cache_queries)} queries x {args.samples_per_query} samples the cache can hold: raise "
-            "--samples-per-query, lower --task-rows or drop the ratio."
+            f"ratio {max(args.ratios):g} x {args.task_rows} task rows asks for {diverse_rows_wanted(args)} diverse "
+            f"rows, more than the {len(cache_queries)} queries x {args.samples_per_query} samples of the cache: {fix}."
         )
     started = time.perf_counter()
     args.cache = self_sampled_cache(args, cache_queries)
     cache_seconds = time.perf_counter() - started
+    if diverse_rows_wanted(args) > len(args.cache):  # truncated answers dropped: before any training
+        raise SystemExit(
+            f"ratio {max(args.ratios):g} asks for {diverse_rows_wanted(args)} diverse rows; the cache has "
+            f"{len(args.cache)} usable answers (the others were cut off by --cache-tokens {args.cache_tokens}): {fix}."
+        )
     per_seed = {seed: run_seed(seed, args) for seed in args.seeds}
     rows = list(per_seed[args.seeds[0]])
     metrics = tuple(per_seed[args.seeds[0]][rows[0]])

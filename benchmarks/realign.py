@@ -16,8 +16,10 @@ The embedded model refuses almost nothing, so the run builds the setting of the 
    answer chosen over the compliant target, hh-rlhf harmless pairs, and benign tasks with their reference answer
    chosen over a refusal (against over-refusal). The safe answers (SAFE_ANSWERS) are written independently of the
    alignment refusals (REFUSALS) and contain none of the refusal keywords the score counts, so the realigned refusal
-   rate cannot come from the DPO data teaching the scored phrases. The DPO loss and preference accuracy are logged
-   about 40 times per run and plotted (`realign-dpo-curve.png`), to show whether `--realign-steps` converged.
+   rate cannot come from the safe answers teaching the scored phrases (the hh-rlhf chosen answers are natural text,
+   and some contain refusal keywords; the benign pairs' rejected answers are REFUSALS, which pushes those phrases
+   down). The DPO loss and preference accuracy are logged at most 40 times per run and plotted
+   (`realign-dpo-curve.png`), to show whether `--realign-steps` converged.
 
 The AdvBench goals are split once (fixed seed) into alignment / harmful fine-tune / DPO / held-out parts; the scores
 use only the held-out goals. Scores: refusal rate on held-out AdvBench goals (keyword match, greedy, 32 new tokens),
@@ -29,6 +31,7 @@ leaves unprojected. Writes `results/realign[-quick].json`, `-summary.md`, `-summ
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import sys
@@ -36,6 +39,7 @@ import time
 from pathlib import Path
 
 from common import (
+    PROFILE,
     SHARED_DATA,
     benchmark_parser,
     finish,
@@ -97,6 +101,8 @@ def benign_split(rng: random.Random, train_rows: int, eval_rows: int) -> tuple[l
     from robust_sft.delia import read_queries
 
     benign = read_queries(SHARED_DATA / "self_instruct" / "seed_tasks.jsonl")
+    if train_rows + eval_rows > len(benign):  # else held-out over-refusal prompts would be trained on
+        raise SystemExit(f"--benign-rows {train_rows} + --benign-eval {eval_rows} exceed the {len(benign)} tasks.")
     rng.shuffle(benign)
     return [q for q in benign[:train_rows] if q.reference], [q.text for q in benign[-eval_rows:]]
 
@@ -145,7 +151,7 @@ def aligned_model(args, unaligned_dir: str, advbench: dict, benign_train: list, 
     """The aligned model's folder: built by `align` (seed `--align-seed`), or reused from `--aligned-dir` when that
     folder holds one aligned with the same settings (so the seeds, and later runs, align once)."""
     settings = {name: getattr(args, name) for name in ("align_steps", "align_seed", "benign_rows", "quick")}
-    settings["model"] = str(unaligned_dir) if not args.quick else "tiny"
+    settings.update(model=str(unaligned_dir) if not args.quick else "tiny", dtype=PROFILE["dtype"])
     record = Path(args.aligned_dir, "alignment.json") if args.aligned_dir else None
     if record is not None and record.is_file():
         if json.loads(record.read_text()) != settings:
@@ -241,6 +247,10 @@ def run_seed(seed: int, args, setting: dict) -> dict[str, dict]:
     # 3b. SafeLoRA: the adapter's layers least similar to the alignment subspace projected onto it (no training).
     projected = PeftModel.from_pretrained(load_profile_model(aligned_dir)[0], adapter_dir)
     report = safe_lora(projected, unaligned_dir, threshold=args.safelora_threshold)
+    similarities = sorted(report.similarities.values())
+    safelora = {"projected_layers": len(report.projected), "layers": len(similarities)}
+    safelora.update(similarity_min=similarities[0], similarity_median=similarities[len(similarities) // 2])
+    safelora["similarity_max"] = similarities[-1]
     results["SafeLoRA"] = {
         **score(projected, tokenizer),
         "kept_fraction": 1 - len(report.projected) / len(report.similarities),
@@ -261,7 +271,7 @@ def run_seed(seed: int, args, setting: dict) -> dict[str, dict]:
                 max_steps=args.realign_steps,
                 learning_rate=args.mask_lr,
                 per_device_train_batch_size=args.dpo_batch,
-                logging_steps=max(1, args.realign_steps // 40),  # about 40 points on the curve
+                logging_steps=math.ceil(args.realign_steps / 40),  # at most 40 points on the curve
             ),
             max_length=256,
         ),
@@ -277,6 +287,7 @@ def run_seed(seed: int, args, setting: dict) -> dict[str, dict]:
         print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
     results["_timings"] = timings
     results["_dpo"] = {"pairs": counts, "curve": dpo_curve(realigner.state.log_history)}
+    results["_safelora"] = safelora
     return results
 
 
@@ -342,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Safety alignment, once for every seed: refusal SFT, merged into a plain model (W_aligned).
     unaligned_dir = save_tiny_model(scratch_dir("realign-tiny")) if args.quick else profile_model_source()
     started = time.perf_counter()
+    reused = bool(args.aligned_dir) and Path(args.aligned_dir, "alignment.json").is_file()
     aligned_dir = aligned_model(args, unaligned_dir, advbench, benign_train, rng)
     stage_seconds = {"align": time.perf_counter() - started}
     setting = dict(advbench=advbench, score=score, unaligned_dir=unaligned_dir, aligned_dir=aligned_dir)
@@ -353,11 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         stage_seconds[f"seed {seed}"] = per_seed[seed].pop("_timings")
     dpo = {seed: per_seed[seed].pop("_dpo") for seed in args.seeds}
+    safelora = {seed: per_seed[seed].pop("_safelora") for seed in args.seeds}
     metrics = ("harmful_refusal", "benign_refusal", "sst2_accuracy", "kept_fraction")
     facts = {name: getattr(args, name) for name in defaults}
     facts.update(align_seed=args.align_seed, mask_lr=args.mask_lr, resta_coefficient=args.resta_coefficient)
     facts.update(dpo_batch=args.dpo_batch)
-    facts.update(safelora_threshold=args.safelora_threshold, stage_seconds=stage_seconds)
+    facts.update(safelora_threshold=args.safelora_threshold, safelora=safelora, stage_seconds=stage_seconds)
+    facts["shared_rows"] = "unaligned and aligned: one alignment for every seed, so their interval has no width"
+    facts["aligned_reused"] = reused  # then stage_seconds' align is only the settings check
     facts.update(dpo_pairs=dpo[args.seeds[0]]["pairs"], dpo_curves={seed: dpo[seed]["curve"] for seed in args.seeds})
     finish("realign", args, argv, per_seed, ROWS, metrics, "harmful_refusal", **facts)
     plot_dpo_curves(facts["dpo_curves"], Path(args.output_dir) / f"realign{report_suffix(args.quick)}-dpo-curve.png")

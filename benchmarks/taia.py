@@ -32,15 +32,18 @@ from common import (
 )
 
 ROWS = ["base", "vanilla (all updates)", "TAIA (attention only)", "TAIF (MLP only)", "TOA (attention trained)"]
+BASE_SEED = 0  # the tiny --quick model's initialisation: one base model for every seed, as the embedded one is
 METRICS = ("piqa_acc_norm", "piqa_acc", "piqa_acc_norm_stderr", "gsm8k_answer_loss", "train_seconds")
 
 
 def train(seed: int, args, train_modules: str):
+    import torch
     from peft import LoraConfig
 
     from robust_sft.taia import TAIAConfig, TAIATrainer
 
-    model, tokenizer = load_benchmark_model(args.quick, seed)
+    model, tokenizer = load_benchmark_model(args.quick, BASE_SEED)  # one base model for every seed
+    torch.manual_seed(seed)  # `seed` draws the LoRA initialisation (PEFT wraps the model before Trainer seeds)
     rows = args.gsm8k_train.shuffle(seed=seed).select(range(args.train_rows))
     trainer = TAIATrainer(
         model=model,
@@ -82,7 +85,7 @@ def run_seed(seed: int, args, piqa, held_out) -> dict[str, dict]:
         return row
 
     if args.base_scores is None:  # the base model is the same for every seed: scored once, copied into each
-        args.base_scores = score(*load_benchmark_model(args.quick, seed), 0.0, "base")
+        args.base_scores = score(*load_benchmark_model(args.quick, BASE_SEED), 0.0, "base")
     results = {"base": dict(args.base_scores)}
     trainer, tokenizer, seconds = train(seed, args, "all")
     results["vanilla (all updates)"] = score(trainer.model, tokenizer, seconds, "vanilla")
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     facts.update(piqa_questions=len(piqa), toa=args.toa)
     name = "taia" + report_suffix(args.quick)
     args.base_scores = None
-    per_seed = resumable_seeds(name, args, facts, lambda seed: run_seed(seed, args, piqa, held_out))
+    per_seed, seed_seconds = resumable_seeds(name, args, facts, lambda seed: run_seed(seed, args, piqa, held_out))
     rows = ROWS if args.toa else ROWS[:-1]
     finish(
         "taia",
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         METRICS,
         "piqa_acc_norm",
         base_scored="once, the same for every seed",
+        seed_seconds=seed_seconds,  # with wall_seconds (this process): the seeds of a resumed run count too
         **facts,
     )
     forget_resumed_seeds(name, args)

@@ -91,12 +91,12 @@ def test_resumable_seeds_runs_only_the_missing_seeds(tmp_path):
         return {"row": {"score": seed / 10}}
 
     args = type("Args", (), {"output_dir": str(tmp_path), "seeds": [0, 1]})()
-    assert resumable_seeds("demo", args, {"lr": 1}, run_seed) == {
-        0: {"row": {"score": 0.0}},
-        1: {"row": {"score": 0.1}},
-    }
+    results, seconds = resumable_seeds("demo", args, {"lr": 1, "ratios": (1, 5)}, run_seed)
+    assert results == {0: {"row": {"score": 0.0}}, 1: {"row": {"score": 0.1}}} and set(seconds) == {0, 1}
     args.seeds = [0, 1, 2]  # a stopped run started again with one more seed: only that seed runs
-    assert resumable_seeds("demo", args, {"lr": 1}, run_seed)[2] == {"row": {"score": 0.2}} and ran == [0, 1, 2]
+    results, again = resumable_seeds("demo", args, {"lr": 1, "ratios": (1, 5)}, run_seed)  # a tuple, as JSON reads it
+    assert results[2] == {"row": {"score": 0.2}} and ran == [0, 1, 2]
+    assert again[0] == seconds[0] and again[2] >= 0  # the seconds of the seeds run before the stop are kept
     with pytest.raises(SystemExit, match="other settings"):
         resumable_seeds("demo", args, {"lr": 2}, run_seed)
     forget_resumed_seeds("demo", args)
@@ -157,7 +157,7 @@ def test_delia_quick(tmp_path):
     report = json.loads((tmp_path / "delia-quick.json").read_text())
     assert list(report["summary"]) == ["base", "SFT (task only)", "DSFT ratio 1"]
     seed = report["per_seed"]["0"]
-    # 8 task rows; ratio 1 mixes in min(8 cached answers, int(8 * 1)) diverse rows.
+    # 8 task rows; ratio 1 mixes in floor(8 * 1) of the (8 + 4 queries) x 2 samples cached.
     assert [seed[name]["train_rows"] for name in report["summary"]] == [0, 8, 16]
     for name, row in seed.items():
         assert set(row) == {
@@ -197,7 +197,11 @@ def test_realign_quick(tmp_path):
     for name, row in seed.items():
         assert set(row) == {"harmful_refusal", "benign_refusal", "sst2_accuracy", "kept_fraction"}, name
     assert 0.0 < seed["realigned (mask)"]["kept_fraction"] < 1.0
-    assert 0.0 <= seed["SafeLoRA"]["kept_fraction"] <= 1.0  # the share of adapter layers left unprojected
+    projected = report["safelora"]["0"]  # SafeLoRA's kept_fraction: the share of adapter layers left unprojected
+    assert projected["layers"] == 7 * 2  # every linear layer of the tiny llama's two blocks carries LoRA
+    assert seed["SafeLoRA"]["kept_fraction"] == pytest.approx(1 - projected["projected_layers"] / projected["layers"])
+    assert projected["similarity_min"] <= projected["similarity_median"] <= projected["similarity_max"]
+    assert report["aligned_reused"] is False
     assert set(report["stage_seconds"]) == {"align", "seed 0"}  # one alignment for every seed
     assert set(report["stage_seconds"]["seed 0"]) == {"finetune", "realign"}
     # the mask's DPO data: harmful goals, benign tasks (against over-refusal) and hh-rlhf pairs; its logged curve
