@@ -54,7 +54,7 @@ def train(seed: int, args, train_modules: str):
                 max_steps=args.steps,
                 learning_rate=args.lr,
                 lr_scheduler_type="cosine",
-                warmup_steps=0.03,
+                warmup_steps=args.warmup,
             ),  # fmt: skip
             max_length=512,
             train_modules=train_modules,
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="Optimiser steps (batch 8).")
     parser.add_argument("--lr", type=float, default=1e-3, help="Peak learning rate (cosine schedule).")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank).")
+    parser.add_argument("--warmup", type=float, default=0.03, help="Warm-up, as a fraction of the steps.")
     parser.add_argument("--eval-rows", type=int, default=None, help="Held-out GSM8K test rows.")
     parser.add_argument("--piqa-questions", type=int, default=None, help="PIQA validation questions (all: 1838).")
     parser.add_argument("--no-toa", dest="toa", action="store_false", help="Skip the TOA run (a strength probe).")
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     args.gsm8k_train = load_gsm8k(SHARED_DATA / "gsm8k" / "train.jsonl")
     piqa = load_piqa(SHARED_DATA / "piqa", args.piqa_questions)
     held_out = load_gsm8k(SHARED_DATA / "gsm8k" / "test.jsonl", args.eval_rows)
-    facts = dict(train_rows=args.train_rows, steps=args.steps, lr=args.lr, rank=args.rank, eval_rows=args.eval_rows)
+    facts = dict(train_rows=args.train_rows, steps=args.steps, lr=args.lr, rank=args.rank, warmup=args.warmup)
+    facts["eval_rows"] = args.eval_rows
     facts.update(piqa_questions=len(piqa), toa=args.toa)
     name = "taia" + report_suffix(args.quick)
     args.base_scores = None
