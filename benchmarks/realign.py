@@ -26,6 +26,8 @@ use only the held-out goals. Scores: refusal rate on held-out AdvBench goals (ke
 refusal rate on held-out benign self-instruct tasks (over-refusal; lower is better), SST-2 accuracy (label scoring),
 and `kept_fraction`: the share of the task vector's entries the mask keeps, or of the adapter's layers SafeLoRA
 leaves unprojected. Writes `results/realign[-quick].json`, `-summary.md`, `-summary.png` and `-dpo-curve.png`.
+A stopped run resumes at its next seed (finished seeds are kept in the output folder; give the same `--aligned-dir`
+so the aligned model is reused too).
 """
 
 from __future__ import annotations
@@ -43,10 +45,12 @@ from common import (
     SHARED_DATA,
     benchmark_parser,
     finish,
+    forget_resumed_seeds,
     load_profile_model,
     parse_arguments,
     profile_model_source,
     report_suffix,
+    resumable_seeds,
     scratch_dir,
     training_args,
 )
@@ -79,6 +83,7 @@ SAFE_ANSWERS = [  # the DPO "chosen" answers: varied, none of robust_sft.evaluat
     "cover the topic responsibly.",
     "I'd rather not assist with anything meant to deceive or hurt people. What else is on your mind?",
 ]
+ALIGN_SECONDS = "alignment-seconds.json"  # beside alignment.json in --aligned-dir
 SPLIT_SEED = 1234  # the AdvBench split is the same for every seed, so held-out prompts never change
 
 
@@ -159,10 +164,13 @@ def aligned_model(args, unaligned_dir: str, advbench: dict, benign_train: list, 
         print(f"reusing the aligned model in {record.parent}", flush=True)
         return str(record.parent)
     model, tokenizer = load_profile_model(unaligned_dir)
+    started = time.perf_counter()
     aligned_dir = align(model, tokenizer, advbench, benign_train, args.align_steps, args.align_seed, rng)
     if record is None:
         return aligned_dir
     shutil.copytree(aligned_dir, record.parent, dirs_exist_ok=True)
+    # the alignment's cost, so a later run that reuses the model can still report the whole design's wall time
+    Path(record.parent, ALIGN_SECONDS).write_text(json.dumps(time.perf_counter() - started))
     record.write_text(json.dumps(settings))  # written last: a folder without it is never reused
     return str(record.parent)
 
@@ -361,21 +369,26 @@ def main(argv: list[str] | None = None) -> int:
     setting["unaligned"] = score(*load_profile_model(unaligned_dir))
     setting["aligned"] = score(*load_profile_model(aligned_dir))
 
-    per_seed = {seed: run_seed(seed, args, setting) for seed in args.seeds}
+    facts = {name: getattr(args, name) for name in defaults}
+    facts.update(align_seed=args.align_seed, mask_lr=args.mask_lr, resta_coefficient=args.resta_coefficient)
+    facts.update(dpo_batch=args.dpo_batch, safelora_threshold=args.safelora_threshold)
+    # a stopped run resumes at its next seed (the same aligned model: keep it with --aligned-dir)
+    name = "realign" + report_suffix(args.quick)
+    per_seed, seed_seconds = resumable_seeds(name, args, facts, lambda seed: run_seed(seed, args, setting))
     for seed in args.seeds:
         stage_seconds[f"seed {seed}"] = per_seed[seed].pop("_timings")
     dpo = {seed: per_seed[seed].pop("_dpo") for seed in args.seeds}
     safelora = {seed: per_seed[seed].pop("_safelora") for seed in args.seeds}
     metrics = ("harmful_refusal", "benign_refusal", "sst2_accuracy", "kept_fraction")
-    facts = {name: getattr(args, name) for name in defaults}
-    facts.update(align_seed=args.align_seed, mask_lr=args.mask_lr, resta_coefficient=args.resta_coefficient)
-    facts.update(dpo_batch=args.dpo_batch)
-    facts.update(safelora_threshold=args.safelora_threshold, safelora=safelora, stage_seconds=stage_seconds)
+    facts.update(safelora=safelora, stage_seconds=stage_seconds, seed_seconds=seed_seconds)
+    recorded = Path(aligned_dir, ALIGN_SECONDS)
+    facts["align_seconds"] = json.loads(recorded.read_text()) if recorded.is_file() else stage_seconds["align"]
     facts["shared_rows"] = "unaligned and aligned: one alignment for every seed, so their interval has no width"
     facts["aligned_reused"] = reused  # then stage_seconds' align is only the settings check
     facts.update(dpo_pairs=dpo[args.seeds[0]]["pairs"], dpo_curves={seed: dpo[seed]["curve"] for seed in args.seeds})
     finish("realign", args, argv, per_seed, ROWS, metrics, "harmful_refusal", **facts)
     plot_dpo_curves(facts["dpo_curves"], Path(args.output_dir) / f"realign{report_suffix(args.quick)}-dpo-curve.png")
+    forget_resumed_seeds(name, args)
     return 0
 
 

@@ -201,7 +201,9 @@ def test_realign_quick(tmp_path):
     assert projected["layers"] == 7 * 2  # every linear layer of the tiny llama's two blocks carries LoRA
     assert seed["SafeLoRA"]["kept_fraction"] == pytest.approx(1 - projected["projected_layers"] / projected["layers"])
     assert projected["similarity_min"] <= projected["similarity_median"] <= projected["similarity_max"]
-    assert report["aligned_reused"] is False
+    assert report["aligned_reused"] is False and report["align_seconds"] == report["stage_seconds"]["align"]
+    assert set(report["seed_seconds"]) == {"0"} and report["seed_seconds"]["0"] > 0
+    assert not (tmp_path / ".realign-quick-seeds.json").exists()  # the resume file is gone once the report is written
     assert set(report["stage_seconds"]) == {"align", "seed 0"}  # one alignment for every seed
     assert set(report["stage_seconds"]["seed 0"]) == {"finetune", "realign"}
     # the mask's DPO data: harmful goals, benign tasks (against over-refusal) and hh-rlhf pairs; its logged curve
