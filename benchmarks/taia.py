@@ -2,6 +2,7 @@
 
     python benchmarks/taia.py --seeds 0 1 2            # embedded SmolLM2-135M-Instruct, full PIQA (1838), with TOA
     python benchmarks/taia.py --seeds 0 1 2 --no-toa   # the recorded run (BENCHMARKS.md): base / vanilla / TAIA / TAIF
+    python benchmarks/taia.py --seeds 0 1 2 --add-toa  # then its TOA row, added to results/taia.json
     python benchmarks/taia.py --seeds 0 --lr 5e-3 --warmup 0.03 --no-toa   # a strength probe (too weak: -0.8 points)
     python benchmarks/taia.py --quick                          # tiny in-process model (the CI smoke run)
 
@@ -19,8 +20,10 @@ Writes `results/taia[-quick].json`, `.md` and `.png`.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 
 from common import (
     SHARED_DATA,
@@ -71,7 +74,8 @@ def train(seed: int, args, train_modules: str):
     return trainer, tokenizer, time.perf_counter() - started
 
 
-def run_seed(seed: int, args, piqa, held_out) -> dict[str, dict]:
+def scoring(piqa, held_out, seed: int):
+    """The scores of one model of seed `seed`: `score(model, tokenizer, train_seconds, name) -> row` (printed)."""
     from robust_sft.evaluation import answer_loss
     from robust_sft.evaluation.harness import multiple_choice_metrics, multiple_choice_scores
 
@@ -87,6 +91,11 @@ def run_seed(seed: int, args, piqa, held_out) -> dict[str, dict]:
         print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
         return row
 
+    return score
+
+
+def run_seed(seed: int, args, piqa, held_out) -> dict[str, dict]:
+    score = scoring(piqa, held_out, seed)
     if args.base_scores is None:  # the base model is the same for every seed: scored once, copied into each
         args.base_scores = score(*load_benchmark_model(args.quick, BASE_SEED), 0.0, "base")
     results = {"base": dict(args.base_scores)}
@@ -96,9 +105,41 @@ def run_seed(seed: int, args, piqa, held_out) -> dict[str, dict]:
         with trainer.taia_view(keep):
             results[name] = score(trainer.model, tokenizer, seconds, name)
     if args.toa:
-        trainer, tokenizer, seconds = train(seed, args, "attention")
-        results["TOA (attention trained)"] = score(trainer.model, tokenizer, seconds, "TOA")
+        results["TOA (attention trained)"] = toa_row(seed, args, score)
     return results
+
+
+def toa_row(seed: int, args, score) -> dict[str, float]:
+    """TOA: a run of its own that trains the attention layers only (its own base model and seed, so its scores do
+    not depend on the runs before it in the process: `--add-toa` gives the row a full run would)."""
+    trainer, tokenizer, seconds = train(seed, args, "attention")
+    return score(trainer.model, tokenizer, seconds, "TOA")
+
+
+def add_toa(args, argv, piqa, held_out, facts: dict, name: str) -> int:
+    """`--add-toa`: the TOA row added to a recorded `--no-toa` report of the same settings and seeds; the other rows
+    are kept as recorded (TOA is a run of its own, see `toa_row`)."""
+    path = Path(args.output_dir) / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"--add-toa adds the TOA row to {path}, which does not exist: run without --add-toa.")
+    recorded = json.loads(path.read_text())
+    differences = {key: (recorded.get(key), value) for key, value in facts.items() if recorded.get(key) != value}
+    differences.pop("toa", None)
+    if recorded["seeds"] != args.seeds:
+        differences["seeds"] = (recorded["seeds"], args.seeds)
+    if differences or recorded["toa"]:
+        problem = f"its settings differ (recorded, now): {differences}" if differences else "it has a TOA row"
+        raise SystemExit(f"--add-toa cannot extend {path}: {problem}. Give the recorded run's settings.")
+    run_toa = lambda seed: toa_row(seed, args, scoring(piqa, held_out, seed))  # noqa: E731
+    toa, toa_seconds = resumable_seeds(f"{name}-toa", args, facts, run_toa)
+    per_seed = {seed: {**recorded["per_seed"][str(seed)], ROWS[-1]: toa[seed]} for seed in args.seeds}
+    seed_seconds = {seed: recorded["seed_seconds"][str(seed)] + toa_seconds[seed] for seed in args.seeds}
+    facts = dict(facts, toa=True, other_rows_recorded_by=recorded["command"])
+    facts["other_rows_wall_seconds"] = recorded["wall_seconds"]  # this report's wall_seconds: the TOA runs only
+    finish("taia", args, argv, per_seed, ROWS, METRICS, "piqa_acc_norm", base_scored=recorded["base_scored"],
+           seed_seconds=seed_seconds, **facts)  # fmt: skip
+    forget_resumed_seeds(f"{name}-toa", args)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-rows", type=int, default=None, help="Held-out GSM8K test rows.")
     parser.add_argument("--piqa-questions", type=int, default=None, help="PIQA validation questions (all: 1838).")
     parser.add_argument("--no-toa", dest="toa", action="store_false", help="Skip the TOA run (a strength probe).")
+    parser.add_argument(
+        "--add-toa", action="store_true",
+        help="Add only the TOA row to the recorded --no-toa report of the same settings (its other rows are kept).",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     apply_profile(args)
     args.train_rows = args.train_rows or (8 if args.quick else 240)
@@ -130,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     facts["eval_rows"] = args.eval_rows
     facts.update(piqa_questions=len(piqa), toa=args.toa)
     name = "taia" + report_suffix(args.quick)
+    if args.add_toa:
+        return add_toa(args, argv, piqa, held_out, facts, name)
     args.base_scores = None
     per_seed, seed_seconds = resumable_seeds(name, args, facts, lambda seed: run_seed(seed, args, piqa, held_out))
     rows = ROWS if args.toa else ROWS[:-1]

@@ -77,6 +77,26 @@ def test_taia_quick(tmp_path):
     assert report["per_seed"]["1"]["vanilla (all updates)"] != seed["vanilla (all updates)"]
     assert not (tmp_path / ".taia-quick-seeds.json").exists()  # the resume file goes once the report is written
 
+    # --add-toa: a --no-toa run, then its TOA row added, equals the full run row for row (TOA is a run of its own)
+    split = tmp_path / "split"
+    run_benchmark("taia.py", split, "--seeds", "0", "1", "--no-toa")
+    assert list(json.loads((split / "taia-quick.json").read_text())["summary"]) == rows[:-1]
+    run_benchmark("taia.py", split, "--seeds", "0", "1", "--add-toa")
+    added = json.loads((split / "taia-quick.json").read_text())
+    assert list(added["summary"]) == rows and added["toa"] is True and "--no-toa" in added["other_rows_recorded_by"]
+
+    def scores(run: dict, seed: str, name: str) -> dict:
+        return {key: value for key, value in run["per_seed"][seed][name].items() if key != "train_seconds"}
+
+    for seed in ("0", "1"):
+        for name in rows:
+            assert scores(added, seed, name) == pytest.approx(scores(report, seed, name)), (seed, name)
+    assert not (split / ".taia-quick-toa-seeds.json").exists()
+    for extra, problem in ((("--seeds", "0", "1"), "it has a TOA row"), (("--seeds", "0"), "settings differ")):
+        command = [sys.executable, os.path.join(BENCHMARKS, "taia.py"), "--quick", "--output-dir", str(split)]
+        refused = subprocess.run([*command, *extra, "--add-toa"], capture_output=True, text=True, timeout=900)
+        assert refused.returncode != 0 and problem in refused.stderr, refused.stderr[-2000:]
+
 
 def test_resumable_seeds_runs_only_the_missing_seeds(tmp_path):
     sys.path.insert(0, BENCHMARKS)
