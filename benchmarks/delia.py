@@ -18,8 +18,8 @@ tasks (150; 25 others are held out for the leak measure) and the package's own 8
 `--samples-per-query` times each (4: up to 920 rows before the answers cut off at `--cache-tokens` 160 are dropped),
 so the sweep reaches `diverse_ratio` 20 (600 rows for 30 task rows); a sweep the cache cannot hold is refused before
 any training (before sampling when its queries alone cannot hold it: the cut-off answers are only known after).
-`--cache-dir` keeps the caches for a re-run. Every
-row trains LoRA (r=16, alpha 16 on attention + the input embedding: the reference's targets,
+`--cache-dir` keeps the caches for a re-run (their sampling seconds too); a stopped run resumes at its next seed.
+Every row trains LoRA (r=16, alpha 16 on attention + the input embedding: the reference's targets,
 `new_token_training="lora_embedding"`; lr 1e-3 constant after a short warm-up) from the same base model for the same
 number of epochs over its training set, so the task rows are seen equally often; DSFT rows take more steps (their
 train_seconds say what that costs). The seeds vary the task and held-out items and the training order.
@@ -32,19 +32,24 @@ Writes `results/delia[-quick].json`, `.md` and `.png`.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import string
 import sys
 import time
 from fractions import Fraction
+from pathlib import Path
 
 from common import (
     SHARED_DATA,
     benchmark_parser,
     finish,
+    forget_resumed_seeds,
     load_benchmark_model,
     parse_arguments,
+    report_suffix,
+    resumable_seeds,
     scratch_dir,
     training_args,
 )
@@ -159,7 +164,7 @@ def query_split(args) -> tuple[list, list]:
 
 
 def self_sampled_cache(args, queries: list):
-    """The diverse data, sampled once from the base model for every seed: each query answered
+    """(the diverse data, its sampling seconds): sampled once from the base model for every seed, each query answered
     `--samples-per-query` times (each draw its own `build_cache` file and sampling seed), truncated answers dropped
     (kept for --quick, whose tiny model never ends one)."""
     from datasets import Dataset, concatenate_datasets
@@ -170,19 +175,25 @@ def self_sampled_cache(args, queries: list):
     model, tokenizer = load_benchmark_model(args.quick, args.cache_seed)
     folder = args.cache_dir or scratch_dir("delia-cache")
     keys = {query.key for query in queries}
-    draws = []
+    draws, seconds = [], 0.0
     for draw in range(args.samples_per_query):
         sampling_seed = 1000 * args.cache_seed + draw
         path = f"{folder}/cache-seed{sampling_seed}-{args.cache_tokens}tokens.jsonl"
+        started = time.perf_counter()
         build_cache(
             model, tokenizer, queries, path, batch_size=16, max_new_tokens=args.cache_tokens, seed=sampling_seed
         )
+        # the sampling time of every run that added to this file: a reused --cache-dir still reports the cache's cost
+        spent = Path(f"{path}.seconds")
+        total = time.perf_counter() - started + (float(spent.read_text()) if spent.is_file() else 0.0)
+        spent.write_text(json.dumps(total))
+        seconds += total
         # a reused --cache-dir may hold answers to other queries (an earlier split): only this split's are trained
         rows = [row for row in read_rows(path)[0] if row["query_key"] in keys]
         draws.append(
             load_diverse_dataset(Dataset.from_list(rows), keep_truncated=args.quick).select_columns("messages")
         )
-    return concatenate_datasets(draws)
+    return concatenate_datasets(draws), seconds
 
 
 def diverse_rows_wanted(args) -> int:
@@ -265,20 +276,23 @@ def main(argv: list[str] | None = None) -> int:
             f"ratio {max(args.ratios):g} x {args.task_rows} task rows asks for {diverse_rows_wanted(args)} diverse "
             f"rows, more than the {len(cache_queries)} queries x {args.samples_per_query} samples of the cache: {fix}."
         )
-    started = time.perf_counter()
-    args.cache = self_sampled_cache(args, cache_queries)
-    cache_seconds = time.perf_counter() - started
+    args.cache, cache_seconds = self_sampled_cache(args, cache_queries)
     if diverse_rows_wanted(args) > len(args.cache):  # truncated answers dropped: before any training
         raise SystemExit(
             f"ratio {max(args.ratios):g} asks for {diverse_rows_wanted(args)} diverse rows; the cache has "
             f"{len(args.cache)} usable answers (the others were cut off by --cache-tokens {args.cache_tokens}): {fix}."
         )
-    per_seed = {seed: run_seed(seed, args) for seed in args.seeds}
+    facts = {name: getattr(args, name) for name in defaults} | {"cache_seed": args.cache_seed}
+    name = "delia" + report_suffix(args.quick)  # a stopped run resumes at its next seed (keep the --cache-dir)
+    per_seed, seed_seconds = resumable_seeds(
+        name, args, facts, lambda seed: {**run_seed(seed, args), "_samples": SAMPLE_ANSWERS.get(seed, {})}
+    )
+    facts["sample_answers"] = {seed: per_seed[seed].pop("_samples") for seed in args.seeds}
     rows = list(per_seed[args.seeds[0]])
     metrics = tuple(per_seed[args.seeds[0]][rows[0]])
-    facts = {name: getattr(args, name) for name in defaults} | {"sample_answers": SAMPLE_ANSWERS}
-    facts.update(cache_seed=args.cache_seed, cache_rows=len(args.cache), cache_seconds=cache_seconds)
+    facts.update(cache_rows=len(args.cache), cache_seconds=cache_seconds, seed_seconds=seed_seconds)
     finish("delia", args, argv, per_seed, rows, metrics, "unseen_format", **facts)
+    forget_resumed_seeds(name, args)
     return 0
 
 

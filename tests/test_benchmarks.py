@@ -193,6 +193,8 @@ def test_delia_quick(tmp_path):
         assert all(0.0 <= row[key] <= 1.0 for key in row if key not in ("train_seconds", "train_rows"))
     assert len(report["sample_answers"]["0"]["DSFT ratio 1"]) == 4  # one per unseen phrasing
     assert (tmp_path / "delia-quick-summary.png").is_file()
+    assert report["cache_seconds"] > 0 and set(report["seed_seconds"]) == {"0"}
+    assert not (tmp_path / ".delia-quick-seeds.json").exists()  # the resume file goes once the report is written
 
 
 def test_delia_task_format():
