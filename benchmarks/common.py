@@ -163,14 +163,16 @@ def write_report(output_dir: str | os.PathLike, name: str, report: dict) -> Path
     return path
 
 
-def resumable_seeds(name: str, args, settings: dict, run_seed) -> tuple[dict, dict]:
+def resumable_seeds(name: str, args, settings: dict, run_seed, recorded: dict | None = None) -> tuple[dict, dict]:
     """(`{seed: run_seed(seed)}` for every seed of `args.seeds`, `{seed: its wall seconds}`). Each finished seed is
     kept in a hidden file of the output folder, so a stopped run resumes at the next seed (the seconds of the seeds
     run before the stop are kept too: their sum is the run's total). Refused when that file holds another design's
-    seeds. The caller removes the file with `forget_resumed_seeds` once its report is written."""
+    seeds. `recorded` (from `recorded_seeds`) counts a recorded report's seeds as finished. The caller removes the
+    file with `forget_resumed_seeds` once its report is written."""
     settings = json.loads(json.dumps(settings))  # compared with the file's copy: the same types on both sides
     partial = Path(args.output_dir) / f".{name}-seeds.json"
-    saved = json.loads(partial.read_text()) if partial.exists() else {"settings": settings, "seeds": {}}
+    fresh = {"settings": settings, "seeds": {}, **(recorded or {})}
+    saved = json.loads(partial.read_text()) if partial.exists() else fresh
     if saved["settings"] != settings:
         raise SystemExit(f"{partial} holds seeds of other settings ({saved['settings']}); delete it to start over.")
     done, seconds = saved["seeds"], saved.setdefault("seconds", {})
@@ -181,6 +183,24 @@ def resumable_seeds(name: str, args, settings: dict, run_seed) -> tuple[dict, di
             seconds[str(seed)] = time.perf_counter() - started
             write_report(partial.parent, partial.stem, saved)
     return {seed: done[str(seed)] for seed in args.seeds}, {seed: seconds.get(str(seed)) for seed in args.seeds}
+
+
+def recorded_seeds(name: str, args, settings: dict) -> dict:
+    """`--extend`: the seeds of the recorded report `<name>.json` as `resumable_seeds` keeps them, so only the seeds
+    it lacks run. Its `per_seed` must be what `run_seed` returns; refused unless it was made with `settings`. A
+    one-seed report without `seed_seconds` gives that seed its whole wall time."""
+    path = Path(args.output_dir) / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"--extend adds seeds to {path}, which does not exist: run without --extend.")
+    report = json.loads(path.read_text())
+    settings = json.loads(json.dumps(settings))
+    differences = {key: (report.get(key), value) for key, value in settings.items() if report.get(key) != value}
+    if differences:
+        raise SystemExit(f"--extend: {path} was made with other settings (recorded, now): {differences}.")
+    seconds = report.get("seed_seconds")
+    if seconds is None and len(report["seeds"]) == 1:
+        seconds = {str(report["seeds"][0]): report["wall_seconds"]}
+    return {"seeds": report["per_seed"], "seconds": seconds or {}, "extended": report["command"]}
 
 
 def forget_resumed_seeds(name: str, args) -> None:

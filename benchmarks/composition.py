@@ -2,6 +2,7 @@
 
     python benchmarks/composition.py --part anit --seeds 0 1 2    # embedded SmolLM2-135M-Instruct
     python benchmarks/composition.py --part dsft --seeds 0        # (needs a self-sampled cache per seed)
+    python benchmarks/composition.py --part dsft --seeds 0 1 2 --extend   # keeps the recorded seed 0, runs 1 and 2
     python benchmarks/composition.py --part anit --quick          # tiny in-process model (the CI smoke run)
 
 No reference code trains with one method and exports with another; here each method's trainer runs with LoRA on
@@ -26,7 +27,18 @@ from __future__ import annotations
 import random
 import sys
 
-from common import SHARED_DATA, benchmark_parser, finish, load_benchmark_model, parse_arguments, scratch_dir
+from common import (
+    SHARED_DATA,
+    benchmark_parser,
+    finish,
+    forget_resumed_seeds,
+    load_benchmark_model,
+    parse_arguments,
+    recorded_seeds,
+    report_suffix,
+    resumable_seeds,
+    scratch_dir,
+)
 
 ANIT_METRICS = ("clean_accuracy", "typo_accuracy", "typo_pdr", "paraphrase_accuracy", "piqa_acc_norm", "piqa_gold_nll")
 DSFT_METRICS = ("unseen_format", "unseen_topic_accuracy", "format_leak", "piqa_acc_norm", "piqa_gold_nll")
@@ -153,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-tokens", type=int, default=None, help="dsft: longest self-sampled answer.")
     parser.add_argument("--leak-queries", type=int, default=None, help="dsft: held-out unrelated queries.")
     parser.add_argument("--cache-dir", default=None, help="dsft: keep the caches here (a re-run reuses them).")
+    parser.add_argument(
+        "--extend", action="store_true",
+        help="Keep the seeds of the recorded report of the same settings and run only the --seeds it lacks.",
+    )  # fmt: skip
     sizes = dict(piqa_questions=(4, 300), train_rows=(16, 128), steps=(2, 16), eval_rows=(8, 300))
     sizes.update(paraphrase_rows=(8, 20), task_rows=(8, 100), eval_items=(3, 40), epochs=(2.0, 3.0))
     sizes.update(cache_queries=(8, 150), cache_tokens=(8, 128), leak_queries=(4, 25))
@@ -160,13 +176,20 @@ def main(argv: list[str] | None = None) -> int:
 
     piqa = load_piqa(SHARED_DATA / "piqa", args.piqa_questions)
     run_seed, metrics = (anit_seed, ANIT_METRICS) if args.part == "anit" else (dsft_seed, DSFT_METRICS)
-    per_seed = {seed: run_seed(seed, args, piqa) for seed in args.seeds}
-    rows = list(per_seed[args.seeds[0]])
     used = ("piqa_questions", "train_rows", "steps", "eval_rows", "paraphrase_rows")
     if args.part == "dsft":
         used = ("piqa_questions", "task_rows", "eval_items", "ratio", "epochs", "cache_queries", "cache_tokens")
     facts = {name: getattr(args, name) for name in used} | {"part": args.part}
+    name = f"composition-{args.part}{report_suffix(args.quick)}"
+    recorded = recorded_seeds(name, args, facts) if args.extend else None
+    run = lambda seed: run_seed(seed, args, piqa)  # noqa: E731
+    per_seed, seed_seconds = resumable_seeds(name, args, facts, run, recorded)
+    rows = list(per_seed[args.seeds[0]])
+    if recorded:
+        facts["extends"] = recorded["extended"]  # the command of the report whose seeds were kept
+    facts["seed_seconds"] = seed_seconds  # with wall_seconds (this process): the seeds of a resumed run count too
     finish("composition", args, argv, per_seed, rows, metrics, metrics[0], name=f"composition-{args.part}", **facts)
+    forget_resumed_seeds(name, args)
     return 0
 
 

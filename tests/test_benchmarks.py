@@ -101,7 +101,7 @@ def test_taia_quick(tmp_path):
 def test_resumable_seeds_runs_only_the_missing_seeds(tmp_path):
     sys.path.insert(0, BENCHMARKS)
     try:
-        from common import forget_resumed_seeds, resumable_seeds
+        from common import forget_resumed_seeds, recorded_seeds, resumable_seeds
     finally:
         sys.path.remove(BENCHMARKS)
     ran = []
@@ -121,6 +121,18 @@ def test_resumable_seeds_runs_only_the_missing_seeds(tmp_path):
         resumable_seeds("demo", args, {"lr": 2}, run_seed)
     forget_resumed_seeds("demo", args)
     assert not (tmp_path / ".demo-seeds.json").exists()
+
+    # --extend: a recorded report of the same settings counts as finished seeds
+    with pytest.raises(SystemExit, match="does not exist"):
+        recorded_seeds("demo", args, {"lr": 1})
+    report = {"lr": 1, "command": "python demo.py", "seeds": [0], "wall_seconds": 7.0, "per_seed": {"0": {"row": 1}}}
+    (tmp_path / "demo.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="other settings"):
+        recorded_seeds("demo", args, {"lr": 2})
+    recorded = recorded_seeds("demo", args, {"lr": 1})
+    ran.clear()
+    results, seconds = resumable_seeds("demo", args, {"lr": 1}, run_seed, recorded)
+    assert ran == [1, 2] and results[0] == {"row": 1} and seconds[0] == 7.0
 
 
 def test_taia_safety_quick(tmp_path):
@@ -170,6 +182,13 @@ def test_composition_quick(tmp_path, part):
     for name in trained:  # the export drops the MLP updates: the right options' likelihood is another model's
         assert seed[name]["piqa_gold_nll"] != seed[name + " + TAIA export"]["piqa_gold_nll"], name
     assert (tmp_path / f"composition-{part}-quick-summary.md").read_text().count("\n") == len(rows) + 2
+    if part == "dsft":  # --extend keeps the recorded seed (not run again) and runs only the new one
+        run_benchmark("composition.py", tmp_path, "--part", part, "--seeds", "0", "1", "--extend")
+        extended = json.loads((tmp_path / f"composition-{part}-quick.json").read_text())
+        assert extended["per_seed"]["0"] == report["per_seed"]["0"] and set(extended["per_seed"]) == {"0", "1"}
+        assert extended["per_seed"]["1"] != report["per_seed"]["0"] and extended["extends"] == report["command"]
+        assert extended["seed_seconds"]["0"] == report["seed_seconds"]["0"]  # the kept seed's cost is kept too
+        assert not (tmp_path / f".composition-{part}-quick-seeds.json").exists()
 
 
 def test_delia_quick(tmp_path):
