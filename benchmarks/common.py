@@ -171,8 +171,12 @@ def resumable_seeds(name: str, args, settings: dict, run_seed, recorded: dict | 
     file with `forget_resumed_seeds` once its report is written."""
     settings = json.loads(json.dumps(settings))  # compared with the file's copy: the same types on both sides
     partial = Path(args.output_dir) / f".{name}-seeds.json"
-    fresh = {"settings": settings, "seeds": {}, **(recorded or {})}
+    fresh = json.loads(json.dumps({"settings": settings, "seeds": {}, **(recorded or {})}))  # not the caller's dicts
     saved = json.loads(partial.read_text()) if partial.exists() else fresh
+    if saved.get("extended") != fresh.get("extended"):  # a stopped --extend run resumes only as one, and vice versa
+        held = f"extends {saved['extended']}" if "extended" in saved else "does not extend a recorded report"
+        again = "with" if "extended" in saved else "without"
+        raise SystemExit(f"{partial} holds a stopped run that {held}: run it again {again} --extend, or delete it.")
     if saved["settings"] != settings:
         raise SystemExit(f"{partial} holds seeds of other settings ({saved['settings']}); delete it to start over.")
     done, seconds = saved["seeds"], saved.setdefault("seconds", {})
@@ -185,22 +189,31 @@ def resumable_seeds(name: str, args, settings: dict, run_seed, recorded: dict | 
     return {seed: done[str(seed)] for seed in args.seeds}, {seed: seconds.get(str(seed)) for seed in args.seeds}
 
 
-def recorded_seeds(name: str, args, settings: dict) -> dict:
+def recorded_seeds(name: str, args, settings: dict, unrecorded: dict | None = None) -> dict:
     """`--extend`: the seeds of the recorded report `<name>.json` as `resumable_seeds` keeps them, so only the seeds
-    it lacks run. Its `per_seed` must be what `run_seed` returns; refused unless it was made with `settings`. A
-    one-seed report without `seed_seconds` gives that seed its whole wall time."""
+    it lacks run. Its `per_seed` must be what `run_seed` returns; refused unless it was made with `settings` (a key
+    the report predates counts with its value in `unrecorded`, the default it ran with). A one-seed report without
+    `seed_seconds` gives that seed its whole wall time. Settings are compared, not code: extend only a report made
+    by the same code (its `machine` is kept as `extends_machine`)."""
     path = Path(args.output_dir) / f"{name}.json"
     if not path.is_file():
         raise SystemExit(f"--extend adds seeds to {path}, which does not exist: run without --extend.")
-    report = json.loads(path.read_text())
+    report = {**json.loads(json.dumps(unrecorded or {})), **json.loads(path.read_text())}
     settings = json.loads(json.dumps(settings))
     differences = {key: (report.get(key), value) for key, value in settings.items() if report.get(key) != value}
+    if report["machine"]["torch"] != machine()["torch"]:
+        differences["torch"] = (report["machine"]["torch"], machine()["torch"])
     if differences:
         raise SystemExit(f"--extend: {path} was made with other settings (recorded, now): {differences}.")
     seconds = report.get("seed_seconds")
     if seconds is None and len(report["seeds"]) == 1:
         seconds = {str(report["seeds"][0]): report["wall_seconds"]}
-    return {"seeds": report["per_seed"], "seconds": seconds or {}, "extended": report["command"]}
+    return {
+        "seeds": report["per_seed"],
+        "seconds": seconds or {},
+        "extended": report["command"],
+        "extended_machine": report["machine"],
+    }
 
 
 def forget_resumed_seeds(name: str, args) -> None:

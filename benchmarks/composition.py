@@ -2,7 +2,8 @@
 
     python benchmarks/composition.py --part anit --seeds 0 1 2    # embedded SmolLM2-135M-Instruct
     python benchmarks/composition.py --part dsft --seeds 0        # (needs a self-sampled cache per seed)
-    python benchmarks/composition.py --part dsft --seeds 0 1 2 --extend   # keeps the recorded seed 0, runs 1 and 2
+    python benchmarks/composition.py --part dsft --seeds 0 1 2 --eval-items 20 --piqa-questions 200 --extend
+        # keeps the recorded seed 0 (its settings), runs seeds 1 and 2
     python benchmarks/composition.py --part anit --quick          # tiny in-process model (the CI smoke run)
 
 No reference code trains with one method and exports with another; here each method's trainer runs with LoRA on
@@ -179,14 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     used = ("piqa_questions", "train_rows", "steps", "eval_rows", "paraphrase_rows")
     if args.part == "dsft":
         used = ("piqa_questions", "task_rows", "eval_items", "ratio", "epochs", "cache_queries", "cache_tokens")
+        used += ("leak_queries",)
     facts = {name: getattr(args, name) for name in used} | {"part": args.part}
     name = f"composition-{args.part}{report_suffix(args.quick)}"
-    recorded = recorded_seeds(name, args, facts) if args.extend else None
+    # the DSFT part's first record predates the leak_queries entry: it ran with the default, 25
+    recorded = recorded_seeds(name, args, facts, unrecorded={"leak_queries": 25}) if args.extend else None
     run = lambda seed: run_seed(seed, args, piqa)  # noqa: E731
     per_seed, seed_seconds = resumable_seeds(name, args, facts, run, recorded)
     rows = list(per_seed[args.seeds[0]])
-    if recorded:
-        facts["extends"] = recorded["extended"]  # the command of the report whose seeds were kept
+    if recorded:  # the command of the report whose seeds were kept, and the machine they ran on
+        facts.update(extends=recorded["extended"], extends_machine=recorded["extended_machine"])
     facts["seed_seconds"] = seed_seconds  # with wall_seconds (this process): the seeds of a resumed run count too
     finish("composition", args, argv, per_seed, rows, metrics, metrics[0], name=f"composition-{args.part}", **facts)
     forget_resumed_seeds(name, args)

@@ -179,21 +179,28 @@ def self_sampled_cache(args, queries: list):
     for draw in range(args.samples_per_query):
         sampling_seed = 1000 * args.cache_seed + draw
         path = f"{folder}/cache-seed{sampling_seed}-{args.cache_tokens}tokens.jsonl"
-        started = time.perf_counter()
+        had, started = len(read_rows(path)[0]), time.perf_counter()
         build_cache(
             model, tokenizer, queries, path, batch_size=16, max_new_tokens=args.cache_tokens, seed=sampling_seed
         )
-        # the sampling time of every run that added to this file: a reused --cache-dir still reports the cache's cost
-        spent = Path(f"{path}.seconds")
-        total = time.perf_counter() - started + (float(spent.read_text()) if spent.is_file() else 0.0)
-        spent.write_text(json.dumps(total))
-        seconds += total
+        seconds = add_sampling_seconds(Path(f"{path}.seconds"), had, len(read_rows(path)[0]), started, seconds)
         # a reused --cache-dir may hold answers to other queries (an earlier split): only this split's are trained
         rows = [row for row in read_rows(path)[0] if row["query_key"] in keys]
         draws.append(
             load_diverse_dataset(Dataset.from_list(rows), keep_truncated=args.quick).select_columns("messages")
         )
     return concatenate_datasets(draws), seconds
+
+
+def add_sampling_seconds(record: Path, had: int, has: int, started: float, seconds: float | None) -> float | None:
+    """`seconds` plus a cache file's sampling time, kept in `record` across runs (a reused --cache-dir still reports
+    the cache's cost). Only runs that added rows add their time; a sampling run stopped before `build_cache` returned
+    is not counted; None when the file's rows predate the record (their cost is unknown)."""
+    if has > had:
+        earlier = json.loads(record.read_text()) if record.is_file() else 0.0 if had == 0 else None
+        record.write_text(json.dumps(None if earlier is None else earlier + time.perf_counter() - started))
+    spent = json.loads(record.read_text()) if record.is_file() else None
+    return None if spent is None or seconds is None else seconds + spent
 
 
 def diverse_rows_wanted(args) -> int:

@@ -166,11 +166,11 @@ def aligned_model(args, unaligned_dir: str, advbench: dict, benign_train: list, 
     model, tokenizer = load_profile_model(unaligned_dir)
     started = time.perf_counter()
     aligned_dir = align(model, tokenizer, advbench, benign_train, args.align_steps, args.align_seed, rng)
+    # the alignment's cost, so a later run that reuses the model can still report the whole design's wall time
+    Path(aligned_dir, ALIGN_SECONDS).write_text(json.dumps(time.perf_counter() - started))
     if record is None:
         return aligned_dir
     shutil.copytree(aligned_dir, record.parent, dirs_exist_ok=True)
-    # the alignment's cost, so a later run that reuses the model can still report the whole design's wall time
-    Path(record.parent, ALIGN_SECONDS).write_text(json.dumps(time.perf_counter() - started))
     record.write_text(json.dumps(settings))  # written last: a folder without it is never reused
     return str(record.parent)
 
@@ -381,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     safelora = {seed: per_seed[seed].pop("_safelora") for seed in args.seeds}
     metrics = ("harmful_refusal", "benign_refusal", "sst2_accuracy", "kept_fraction")
     facts.update(safelora=safelora, stage_seconds=stage_seconds, seed_seconds=seed_seconds)
+    # the alignment's own cost: timed when it ran (kept beside a reused model; None for a folder older than that)
     recorded = Path(aligned_dir, ALIGN_SECONDS)
-    facts["align_seconds"] = json.loads(recorded.read_text()) if recorded.is_file() else stage_seconds["align"]
+    facts["align_seconds"] = json.loads(recorded.read_text()) if recorded.is_file() else None
     facts["shared_rows"] = "unaligned and aligned: one alignment for every seed, so their interval has no width"
     facts["aligned_reused"] = reused  # then stage_seconds' align is only the settings check
     facts.update(dpo_pairs=dpo[args.seeds[0]]["pairs"], dpo_curves={seed: dpo[seed]["curve"] for seed in args.seeds})

@@ -32,6 +32,7 @@ from common import (
     finish,
     forget_resumed_seeds,
     load_benchmark_model,
+    machine,
     report_suffix,
     resumable_seeds,
     training_args,
@@ -127,14 +128,17 @@ def add_toa(args, argv, piqa, held_out, facts: dict, name: str) -> int:
     differences.pop("toa", None)
     if recorded["seeds"] != args.seeds:
         differences["seeds"] = (recorded["seeds"], args.seeds)
+    if recorded["machine"]["torch"] != machine()["torch"]:
+        differences["torch"] = (recorded["machine"]["torch"], machine()["torch"])
     if differences or recorded["toa"]:
         problem = f"its settings differ (recorded, now): {differences}" if differences else "it has a TOA row"
         raise SystemExit(f"--add-toa cannot extend {path}: {problem}. Give the recorded run's settings.")
     run_toa = lambda seed: toa_row(seed, args, scoring(piqa, held_out, seed))  # noqa: E731
     toa, toa_seconds = resumable_seeds(f"{name}-toa", args, facts, run_toa)
     per_seed = {seed: {**recorded["per_seed"][str(seed)], ROWS[-1]: toa[seed]} for seed in args.seeds}
-    seed_seconds = {seed: recorded["seed_seconds"][str(seed)] + toa_seconds[seed] for seed in args.seeds}
-    facts = dict(facts, toa=True, other_rows_recorded_by=recorded["command"])
+    other_seconds = recorded.get("seed_seconds") or {}
+    seed_seconds = {seed: (other_seconds.get(str(seed)) or 0.0) + toa_seconds[seed] for seed in args.seeds}
+    facts = dict(facts, toa=True, other_rows_recorded_by=recorded["command"], other_rows_machine=recorded["machine"])
     facts["other_rows_wall_seconds"] = recorded["wall_seconds"]  # this report's wall_seconds: the TOA runs only
     finish("taia", args, argv, per_seed, ROWS, METRICS, "piqa_acc_norm", base_scored=recorded["base_scored"],
            seed_seconds=seed_seconds, **facts)  # fmt: skip

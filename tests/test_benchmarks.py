@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -101,7 +102,7 @@ def test_taia_quick(tmp_path):
 def test_resumable_seeds_runs_only_the_missing_seeds(tmp_path):
     sys.path.insert(0, BENCHMARKS)
     try:
-        from common import forget_resumed_seeds, recorded_seeds, resumable_seeds
+        from common import forget_resumed_seeds, machine, recorded_seeds, resumable_seeds
     finally:
         sys.path.remove(BENCHMARKS)
     ran = []
@@ -126,6 +127,11 @@ def test_resumable_seeds_runs_only_the_missing_seeds(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         recorded_seeds("demo", args, {"lr": 1})
     report = {"lr": 1, "command": "python demo.py", "seeds": [0], "wall_seconds": 7.0, "per_seed": {"0": {"row": 1}}}
+    report["machine"] = {**machine(), "torch": "1.0"}
+    (tmp_path / "demo.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="torch"):  # seeds from another torch are not mixed in
+        recorded_seeds("demo", args, {"lr": 1})
+    report["machine"] = machine()
     (tmp_path / "demo.json").write_text(json.dumps(report))
     with pytest.raises(SystemExit, match="other settings"):
         recorded_seeds("demo", args, {"lr": 2})
@@ -133,6 +139,35 @@ def test_resumable_seeds_runs_only_the_missing_seeds(tmp_path):
     ran.clear()
     results, seconds = resumable_seeds("demo", args, {"lr": 1}, run_seed, recorded)
     assert ran == [1, 2] and results[0] == {"row": 1} and seconds[0] == 7.0
+    forget_resumed_seeds("demo", args)
+
+    def stopped(seed):
+        if seed == 2:
+            raise KeyboardInterrupt  # the run is stopped after seed 1
+        return run_seed(seed)
+
+    with pytest.raises(KeyboardInterrupt):
+        resumable_seeds("demo", args, {"lr": 1}, stopped, recorded)
+    with pytest.raises(SystemExit, match="run it again with --extend"):  # else its report would not say so
+        resumable_seeds("demo", args, {"lr": 1}, run_seed)
+    results, _ = resumable_seeds("demo", args, {"lr": 1}, run_seed, recorded)
+    assert results[0] == {"row": 1} and results[2] == {"row": {"score": 0.2}}
+
+
+def test_delia_sampling_seconds_count_only_runs_that_sampled(tmp_path):
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        from delia import add_sampling_seconds
+    finally:
+        sys.path.remove(BENCHMARKS)
+    record = tmp_path / "cache.jsonl.seconds"
+    first = add_sampling_seconds(record, 0, 5, time.perf_counter() - 3.0, 0.0)
+    assert 3.0 <= first < 4.0 and json.loads(record.read_text()) == first
+    assert add_sampling_seconds(record, 5, 5, time.perf_counter() - 9.0, 1.0) == 1.0 + first  # reused: not added
+    assert 5.0 <= add_sampling_seconds(record, 5, 8, time.perf_counter() - 2.0, 0.0) < 6.0  # completed: 3 + 2
+    older = tmp_path / "older.jsonl.seconds"  # rows sampled before seconds were kept: unknown, not 0
+    assert add_sampling_seconds(older, 4, 4, time.perf_counter(), 0.0) is None
+    assert add_sampling_seconds(older, 4, 6, time.perf_counter(), 0.0) is None
 
 
 def test_taia_safety_quick(tmp_path):
@@ -192,7 +227,7 @@ def test_composition_quick(tmp_path, part):
 
 
 def test_delia_quick(tmp_path):
-    run_benchmark("delia.py", tmp_path)
+    run_benchmark("delia.py", tmp_path, "--cache-dir", str(tmp_path / "cache"))
     report = json.loads((tmp_path / "delia-quick.json").read_text())
     assert list(report["summary"]) == ["base", "SFT (task only)", "DSFT ratio 1"]
     seed = report["per_seed"]["0"]
@@ -214,6 +249,10 @@ def test_delia_quick(tmp_path):
     assert (tmp_path / "delia-quick-summary.png").is_file()
     assert report["cache_seconds"] > 0 and set(report["seed_seconds"]) == {"0"}
     assert not (tmp_path / ".delia-quick-seeds.json").exists()  # the resume file goes once the report is written
+    # a second run reuses the cache (nothing sampled) and reports the sampling time of the run that made it
+    run_benchmark("delia.py", tmp_path, "--cache-dir", str(tmp_path / "cache"))
+    again = json.loads((tmp_path / "delia-quick.json").read_text())
+    assert again["cache_seconds"] == report["cache_seconds"] and again["cache_rows"] == report["cache_rows"]
 
 
 def test_delia_task_format():
@@ -230,7 +269,7 @@ def test_delia_task_format():
 
 
 def test_realign_quick(tmp_path):
-    run_benchmark("realign.py", tmp_path)
+    run_benchmark("realign.py", tmp_path, "--aligned-dir", str(tmp_path / "aligned"))
     report = json.loads((tmp_path / "realign-quick.json").read_text())
     rows = ["unaligned", "aligned", "fine-tuned", "RESTA", "SafeLoRA", "realigned (mask)"]
     assert list(report["summary"]) == rows
@@ -242,7 +281,7 @@ def test_realign_quick(tmp_path):
     assert projected["layers"] == 7 * 2  # every linear layer of the tiny llama's two blocks carries LoRA
     assert seed["SafeLoRA"]["kept_fraction"] == pytest.approx(1 - projected["projected_layers"] / projected["layers"])
     assert projected["similarity_min"] <= projected["similarity_median"] <= projected["similarity_max"]
-    assert report["aligned_reused"] is False and report["align_seconds"] == report["stage_seconds"]["align"]
+    assert report["aligned_reused"] is False and 0 < report["align_seconds"] <= report["stage_seconds"]["align"]
     assert set(report["seed_seconds"]) == {"0"} and report["seed_seconds"]["0"] > 0
     assert not (tmp_path / ".realign-quick-seeds.json").exists()  # the resume file is gone once the report is written
     assert set(report["stage_seconds"]) == {"align", "seed 0"}  # one alignment for every seed
@@ -253,6 +292,11 @@ def test_realign_quick(tmp_path):
     assert [point["step"] for point in curve] == [1, 2] and all(point["loss"] > 0 for point in curve)
     assert (tmp_path / "realign-quick-dpo-curve.png").is_file()
     assert (tmp_path / "realign-quick-summary.md").read_text().count("\n") == len(rows) + 2
+    # a second run reuses the aligned model and still reports what aligning it cost
+    run_benchmark("realign.py", tmp_path, "--aligned-dir", str(tmp_path / "aligned"))
+    again = json.loads((tmp_path / "realign-quick.json").read_text())
+    assert again["aligned_reused"] is True and again["align_seconds"] == report["align_seconds"]
+    assert again["per_seed"]["0"]["aligned"] == seed["aligned"]
 
 
 def test_scoring_quick(tmp_path):
