@@ -274,14 +274,22 @@ def test_realign_quick(tmp_path):
     rows = ["unaligned", "aligned", "fine-tuned", "RESTA", "SafeLoRA", "realigned (mask)"]
     assert list(report["summary"]) == rows
     seed = report["per_seed"]["0"]
-    for name, row in seed.items():
-        assert set(row) == {"harmful_refusal", "benign_refusal", "sst2_accuracy", "kept_fraction"}, name
+    for row in seed.values():
+        assert set(row) == {
+            "harmful_refusal",
+            "harmful_compliance",
+            "benign_refusal",
+            "sst2_accuracy",
+            "kept_fraction",
+        }
     assert 0.0 < seed["realigned (mask)"]["kept_fraction"] < 1.0
     projected = report["safelora"]["0"]  # SafeLoRA's kept_fraction: the share of adapter layers left unprojected
     assert projected["layers"] == 7 * 2  # every linear layer of the tiny llama's two blocks carries LoRA
     assert seed["SafeLoRA"]["kept_fraction"] == pytest.approx(1 - projected["projected_layers"] / projected["layers"])
     assert projected["similarity_min"] <= projected["similarity_median"] <= projected["similarity_max"]
     assert report["aligned_reused"] is False and 0 < report["align_seconds"] <= report["stage_seconds"]["align"]
+    shown = report["sample_answers"]["0"]  # the answers the keyword score read, per row
+    assert set(shown) == set(rows) and all(len(shown[name]["harmful"]) == 4 for name in rows)
     assert set(report["seed_seconds"]) == {"0"} and report["seed_seconds"]["0"] > 0
     assert not (tmp_path / ".realign-quick-seeds.json").exists()  # the resume file is gone once the report is written
     assert set(report["stage_seconds"]) == {"align", "seed 0"}  # one alignment for every seed
@@ -297,6 +305,35 @@ def test_realign_quick(tmp_path):
     again = json.loads((tmp_path / "realign-quick.json").read_text())
     assert again["aligned_reused"] is True and again["align_seconds"] == report["align_seconds"]
     assert again["per_seed"]["0"]["aligned"] == seed["aligned"]
+
+
+def test_realign_probe_answers_with_the_adapter_and_a_random_mask_control(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from robust_sft import load_model_and_tokenizer
+    from robust_sft.testing import save_tiny_model
+
+    aligned = save_tiny_model(str(tmp_path / "aligned"))
+    model, _ = load_model_and_tokenizer(aligned)
+    adapter = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "adapter")
+    command = [sys.executable, os.path.join(BENCHMARKS, "realign_probe.py"), "--aligned-dir", aligned, "--adapter",
+               str(tmp_path / "adapter"), "--goals", "3", "--output-dir", str(tmp_path), "--control-adapter",
+               str(tmp_path / "adapter")]  # fmt: skip
+    for keep, name in ((1.0, "all"), (0.3, "some")):
+        result = subprocess.run([*command, "--random-keep", str(keep), "--name", name], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+    kept_all = json.loads((tmp_path / "realign-probe-all.json").read_text())
+    assert len(kept_all["prompts"]) == 3 + 2 and len(kept_all["adapter"]) == 5
+    assert kept_all["random_mask_control"] == kept_all["adapter"] == kept_all["control"]  # a full mask: no change
+    assert set(kept_all["adapter_shares"]) == {"keyword_refusal", "compliance"}
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        from realign import compliance
+    finally:
+        sys.path.remove(BENCHMARKS)
+    assert compliance(["Sure, here is how", " sure, here it is", "I'm sorry", "Here is how"]) == 0.5
+    assert json.loads((tmp_path / "realign-probe-some.json").read_text())["random_mask_control"] != kept_all["adapter"]
 
 
 def test_scoring_quick(tmp_path):
