@@ -271,7 +271,7 @@ def test_delia_task_format():
 def test_realign_quick(tmp_path):
     run_benchmark("realign.py", tmp_path, "--aligned-dir", str(tmp_path / "aligned"))
     report = json.loads((tmp_path / "realign-quick.json").read_text())
-    rows = ["unaligned", "aligned", "fine-tuned", "RESTA", "SafeLoRA", "realigned (mask)"]
+    rows = ["unaligned", "aligned", "fine-tuned", "RESTA", "SafeLoRA", "realigned (mask)", "realigned (expected mask)"]
     assert list(report["summary"]) == rows
     seed = report["per_seed"]["0"]
     for row in seed.values():
@@ -283,6 +283,8 @@ def test_realign_quick(tmp_path):
             "kept_fraction",
         }
     assert 0.0 < seed["realigned (mask)"]["kept_fraction"] < 1.0
+    assert 0.0 < seed["realigned (expected mask)"]["kept_fraction"] < 1.0  # the mean of sigmoid(logits)
+    assert seed["realigned (expected mask)"]["kept_fraction"] != seed["realigned (mask)"]["kept_fraction"]
     projected = report["safelora"]["0"]  # SafeLoRA's kept_fraction: the share of adapter layers left unprojected
     assert projected["layers"] == 7 * 2  # every linear layer of the tiny llama's two blocks carries LoRA
     assert seed["SafeLoRA"]["kept_fraction"] == pytest.approx(1 - projected["projected_layers"] / projected["layers"])
