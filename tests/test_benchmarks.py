@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 
@@ -269,9 +270,16 @@ def test_delia_task_format():
 
 
 def test_realign_quick(tmp_path):
-    run_benchmark("realign.py", tmp_path, "--aligned-dir", str(tmp_path / "aligned"))
+    run_benchmark(
+        "realign.py",
+        tmp_path,
+        "--aligned-dir",
+        str(tmp_path / "aligned"),
+        "--keep-adapters",
+        str(tmp_path / "adapters"),
+    )
     report = json.loads((tmp_path / "realign-quick.json").read_text())
-    rows = ["unaligned", "aligned", "fine-tuned", "RESTA", "SafeLoRA", "realigned (mask)", "realigned (expected mask)"]
+    rows = ["unaligned", "aligned", "fine-tuned", "RESTA", "SafeLoRA", "realigned (mask)", "realigned (sampled mask)"]
     assert list(report["summary"]) == rows
     seed = report["per_seed"]["0"]
     for row in seed.values():
@@ -283,8 +291,12 @@ def test_realign_quick(tmp_path):
             "kept_fraction",
         }
     assert 0.0 < seed["realigned (mask)"]["kept_fraction"] < 1.0
-    assert 0.0 < seed["realigned (expected mask)"]["kept_fraction"] < 1.0  # the mean of sigmoid(logits)
-    assert seed["realigned (expected mask)"]["kept_fraction"] != seed["realigned (mask)"]["kept_fraction"]
+    assert 0.0 < seed["realigned (sampled mask)"]["kept_fraction"] < 1.0  # one 0/1 draw of the learnt mask
+    assert seed["realigned (sampled mask)"]["kept_fraction"] != seed["realigned (mask)"]["kept_fraction"]
+    kept = tmp_path / "adapters"  # what realign_probe.py reads: the seed's fine-tune adapter and realigned export
+    assert (kept / "seed0-finetune" / "adapter_model.safetensors").is_file()
+    report_of_export = json.loads((kept / "seed0-export" / "realign_report.json").read_text())
+    assert report_of_export["kept_fraction"] == pytest.approx(seed["realigned (mask)"]["kept_fraction"])
     projected = report["safelora"]["0"]  # SafeLoRA's kept_fraction: the share of adapter layers left unprojected
     assert projected["layers"] == 7 * 2  # every linear layer of the tiny llama's two blocks carries LoRA
     assert seed["SafeLoRA"]["kept_fraction"] == pytest.approx(1 - projected["projected_layers"] / projected["layers"])
@@ -317,15 +329,25 @@ def test_realign_probe_answers_with_the_adapter_and_a_random_mask_control(tmp_pa
 
     aligned = save_tiny_model(str(tmp_path / "aligned"))
     model, _ = load_model_and_tokenizer(aligned)
+    torch.manual_seed(0)
     adapter = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     adapter.save_pretrained(tmp_path / "adapter")
+    # --keep-like: each tensor's own kept fraction, read from a realigned export's report (here: keep everything)
+    per_tensor = {name.replace(".default", ""): 1.0 for name, _ in adapter.named_parameters() if "lora_" in name}
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "realign_report.json").write_text(json.dumps({"per_tensor": per_tensor}))
     command = [sys.executable, os.path.join(BENCHMARKS, "realign_probe.py"), "--aligned-dir", aligned, "--adapter",
                str(tmp_path / "adapter"), "--goals", "3", "--output-dir", str(tmp_path), "--control-adapter",
                str(tmp_path / "adapter")]  # fmt: skip
     for keep, name in ((1.0, "all"), (0.3, "some")):
         result = subprocess.run([*command, "--random-keep", str(keep), "--name", name], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
+    like = subprocess.run(
+        [*command, "--keep-like", str(tmp_path / "export"), "--name", "like"], capture_output=True, text=True
+    )
+    assert like.returncode == 0, like.stderr[-3000:]
     kept_all = json.loads((tmp_path / "realign-probe-all.json").read_text())
+    assert json.loads((tmp_path / "realign-probe-like.json").read_text())["random_mask_control"] == kept_all["adapter"]
     assert len(kept_all["prompts"]) == 3 + 2 and len(kept_all["adapter"]) == 5
     assert kept_all["random_mask_control"] == kept_all["adapter"] == kept_all["control"]  # a full mask: no change
     assert set(kept_all["adapter_shares"]) == {"keyword_refusal", "compliance"}
