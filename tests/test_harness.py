@@ -1,6 +1,7 @@
 """Our multiple-choice scores against lm-evaluation-harness 0.4.13's own implementation on the same PIQA rows."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -11,13 +12,14 @@ from robust_sft.evaluation.harness import (
     multiple_choice_metrics,
     multiple_choice_scores,
     run_harness,
+    write_piqa_task,
 )
 from robust_sft.evaluation.tasks import load_piqa
 from robust_sft.testing import make_tiny_model, make_tiny_tokenizer
 
 lm_eval = pytest.importorskip("lm_eval")
 
-SHARED_PIQA = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "piqa"
+SHARED_PIQA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "piqa"
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,18 @@ def test_scores_equal_lm_eval_on_the_same_piqa_rows(tiny, piqa_rows):
     metrics = multiple_choice_metrics(ours)
     for key in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr"):
         assert metrics[key] == pytest.approx(theirs[key], abs=1e-9), key
+
+
+def test_our_local_piqa_task_is_lm_evals_shipped_piqa_task_over_local_rows(tmp_path):
+    """Both sides of the equality test above run our task file; this ties that file to lm-eval's own piqa.yaml, so
+    the prompt, choices, target and metrics cannot drift from the published definition together."""
+    import yaml
+
+    shipped = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / "piqa" / "piqa.yaml").read_text())
+    ours = yaml.safe_load((write_piqa_task([], tmp_path, "piqa_local") / "piqa_local.yaml").read_text())
+    for key in ("output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "metric_list", "validation_split"):
+        assert ours[key] == shipped[key], key
+    assert ours["dataset_path"] == "json"  # local rows instead of the hub's dataset: the only intended difference
 
 
 def test_loglikelihood_is_the_sum_of_the_continuation_token_log_probs(tiny):
