@@ -1,6 +1,7 @@
 """DELIA vs plain SFT: a small formatted task with a new `<sep>` token, and a sweep of the diverse-data ratio.
 
     python benchmarks/delia.py --seeds 0 1 2 --cache-dir outputs/delia-cache   # the design of the evidence issue
+    python benchmarks/delia.py --seeds 0 1 2 --cache-dir outputs/delia-cache --extend  # + recorded seeds
     python benchmarks/delia.py --task-rows 100 --ratios 0.5 1 --samples-per-query 1 --package-queries 0   # ~ first run
     python benchmarks/delia.py --quick          # tiny in-process model, a few rows (the CI smoke run)
 
@@ -48,6 +49,7 @@ from common import (
     forget_resumed_seeds,
     load_benchmark_model,
     parse_arguments,
+    recorded_seeds,
     report_suffix,
     resumable_seeds,
     scratch_dir,
@@ -256,6 +258,16 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     return results
 
 
+def recorded_with_samples(name: str, args, facts: dict) -> dict:
+    """`--extend`'s kept seeds as `run_seed` returns them: the report keeps each seed's sample answers apart, in
+    `sample_answers`, so they go back into the seed's row (the extended report keeps them too)."""
+    recorded = recorded_seeds(name, args, facts)
+    samples = json.loads((Path(args.output_dir) / f"{name}.json").read_text())["sample_answers"]
+    for seed, rows in recorded["seeds"].items():
+        rows["_samples"] = samples[seed]
+    return recorded
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--task-rows", type=int, default=None)
@@ -272,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-seed", type=int, default=0, help="Seed of the one cache every seed trains with.")
     parser.add_argument("--samples-per-query", type=int, default=None, help="Answers sampled per cache query.")
     parser.add_argument("--package-queries", type=int, default=None, help="Queries of the package's set added.")
+    parser.add_argument(
+        "--extend", action="store_true",
+        help="Keep the seeds of the recorded report of the same settings and run only the --seeds it lacks.",
+    )  # fmt: skip
     defaults = dict(task_rows=(8, 30), eval_items=(3, 40), ratios=([1.0], [1.0, 5.0, 20.0]), epochs=(1.0, 3.0))
     defaults.update(cache_queries=(8, 150), cache_tokens=(8, 160), leak_queries=(4, 25), piqa_questions=(4, 200))
     defaults.update(samples_per_query=(2, 4), package_queries=(4, 80))
@@ -291,9 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     facts = {name: getattr(args, name) for name in defaults} | {"cache_seed": args.cache_seed}
     name = "delia" + report_suffix(args.quick)  # a stopped run resumes at its next seed (keep the --cache-dir)
+    recorded = recorded_with_samples(name, args, facts) if args.extend else None
     per_seed, seed_seconds = resumable_seeds(
-        name, args, facts, lambda seed: {**run_seed(seed, args), "_samples": SAMPLE_ANSWERS.get(seed, {})}
+        name, args, facts, lambda seed: {**run_seed(seed, args), "_samples": SAMPLE_ANSWERS.get(seed, {})}, recorded
     )
+    if recorded:  # the command of the report whose seeds were kept, and the machine they ran on
+        facts.update(extends=recorded["extended"], extends_machine=recorded["extended_machine"])
     facts["sample_answers"] = {seed: per_seed[seed].pop("_samples") for seed in args.seeds}
     rows = list(per_seed[args.seeds[0]])
     metrics = tuple(per_seed[args.seeds[0]][rows[0]])

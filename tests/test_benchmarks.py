@@ -254,6 +254,13 @@ def test_delia_quick(tmp_path):
     run_benchmark("delia.py", tmp_path, "--cache-dir", str(tmp_path / "cache"))
     again = json.loads((tmp_path / "delia-quick.json").read_text())
     assert again["cache_seconds"] == report["cache_seconds"] and again["cache_rows"] == report["cache_rows"]
+    # --extend keeps the recorded seed, its sample answers and its seconds, and runs only the new seed
+    run_benchmark("delia.py", tmp_path, "--cache-dir", str(tmp_path / "cache"), "--seeds", "0", "1", "--extend")
+    extended = json.loads((tmp_path / "delia-quick.json").read_text())
+    assert extended["per_seed"]["0"] == again["per_seed"]["0"] and set(extended["per_seed"]) == {"0", "1"}
+    assert extended["sample_answers"]["0"] == again["sample_answers"]["0"]
+    assert set(extended["sample_answers"]) == {"0", "1"}
+    assert extended["seed_seconds"]["0"] == again["seed_seconds"]["0"] and extended["extends"] == again["command"]
 
 
 def test_delia_task_format():
