@@ -205,6 +205,10 @@ def recorded_seeds(name: str, args, settings: dict, unrecorded: dict | None = No
         differences["torch"] = (report["machine"]["torch"], machine()["torch"])
     if differences:
         raise SystemExit(f"--extend: {path} was made with other settings (recorded, now): {differences}.")
+    dropped = sorted(set(report["per_seed"]) - {str(seed) for seed in args.seeds}, key=int)
+    if dropped:  # the report is rewritten with --seeds only: a recorded seed left out would be lost
+        every = " ".join(sorted({*report["per_seed"], *map(str, args.seeds)}, key=int))
+        raise SystemExit(f"--extend keeps every seed of {path}: --seeds leaves out {dropped}; give --seeds {every}.")
     seconds = report.get("seed_seconds")
     if seconds is None and len(report["seeds"]) == 1:
         seconds = {str(report["seeds"][0]): report["wall_seconds"]}

@@ -262,7 +262,9 @@ def recorded_with_samples(name: str, args, facts: dict) -> dict:
     """`--extend`'s kept seeds as `run_seed` returns them: the report keeps each seed's sample answers apart, in
     `sample_answers`, so they go back into the seed's row (the extended report keeps them too)."""
     recorded = recorded_seeds(name, args, facts)
-    samples = json.loads((Path(args.output_dir) / f"{name}.json").read_text())["sample_answers"]
+    samples = json.loads((Path(args.output_dir) / f"{name}.json").read_text()).get("sample_answers")
+    if samples is None or set(samples) != set(recorded["seeds"]):
+        raise SystemExit(f"--extend: {args.output_dir}/{name}.json lacks its seeds' sample_answers: not delia.py's.")
     for seed, rows in recorded["seeds"].items():
         rows["_samples"] = samples[seed]
     return recorded

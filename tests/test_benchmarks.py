@@ -136,6 +136,8 @@ def test_resumable_seeds_runs_only_the_missing_seeds(tmp_path):
     (tmp_path / "demo.json").write_text(json.dumps(report))
     with pytest.raises(SystemExit, match="other settings"):
         recorded_seeds("demo", args, {"lr": 2})
+    with pytest.raises(SystemExit, match=r"leaves out \['0'\]; give --seeds 0 2"):  # else seed 0 would be lost
+        recorded_seeds("demo", type("Args", (), {"output_dir": str(tmp_path), "seeds": [2]})(), {"lr": 1})
     recorded = recorded_seeds("demo", args, {"lr": 1})
     ran.clear()
     results, seconds = resumable_seeds("demo", args, {"lr": 1}, run_seed, recorded)
@@ -258,6 +260,7 @@ def test_delia_quick(tmp_path):
     run_benchmark("delia.py", tmp_path, "--cache-dir", str(tmp_path / "cache"), "--seeds", "0", "1", "--extend")
     extended = json.loads((tmp_path / "delia-quick.json").read_text())
     assert extended["per_seed"]["0"] == again["per_seed"]["0"] and set(extended["per_seed"]) == {"0", "1"}
+    assert extended["per_seed"]["1"] != extended["per_seed"]["0"]  # seed 1 really ran
     assert extended["sample_answers"]["0"] == again["sample_answers"]["0"]
     assert set(extended["sample_answers"]) == {"0", "1"}
     assert extended["seed_seconds"]["0"] == again["seed_seconds"]["0"] and extended["extends"] == again["command"]

@@ -1,11 +1,13 @@
 """Our multiple-choice scores against lm-evaluation-harness 0.4.13's own implementation on the same PIQA rows."""
 
+import inspect
 import math
 from pathlib import Path
 
 import pytest
 
 from robust_sft.evaluation.harness import (
+    PIQA_CONTEXT,
     encode_pair,
     loglikelihoods,
     mean_and_stderr,
@@ -59,8 +61,8 @@ def test_scores_equal_lm_eval_on_the_same_piqa_rows(tiny, piqa_rows):
 
 
 def test_our_local_piqa_task_is_lm_evals_shipped_piqa_task_over_local_rows(tmp_path):
-    """Both sides of the equality test above run our task file; this ties that file to lm-eval's own piqa.yaml, so
-    the prompt, choices, target and metrics cannot drift from the published definition together."""
+    """The equality test above runs lm-eval on our local task file against our scorer's `PIQA_CONTEXT`; this ties
+    both to lm-eval's own piqa.yaml, so neither can drift from the published prompt, choices, target and metrics."""
     import yaml
 
     shipped = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / "piqa" / "piqa.yaml").read_text())
@@ -68,6 +70,12 @@ def test_our_local_piqa_task_is_lm_evals_shipped_piqa_task_over_local_rows(tmp_p
     for key in ("output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "metric_list", "validation_split"):
         assert ours[key] == shipped[key], key
     assert ours["dataset_path"] == "json"  # local rows instead of the hub's dataset: the only intended difference
+    # our scorer's prompt: lm-eval's doc_to_text rendered for one question; options after TaskConfig's delimiter
+    from lm_eval.config.task import TaskConfig
+
+    assert PIQA_CONTEXT.format(question="Q?") == shipped["doc_to_text"].replace("{{goal}}", "Q?")
+    delimiter = shipped.get("target_delimiter", TaskConfig.target_delimiter)
+    assert delimiter == inspect.signature(multiple_choice_scores).parameters["target_delimiter"].default == " "
 
 
 def test_loglikelihood_is_the_sum_of_the_continuation_token_log_probs(tiny):
